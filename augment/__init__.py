@@ -1,0 +1,1 @@
+"""RandAugment as UDA samples it, applied jointly to images and masks."""

@@ -1,0 +1,1 @@
+"""absl flag definitions mirroring the original UDA's image/main.py."""

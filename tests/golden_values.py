@@ -1,0 +1,52 @@
+"""Every golden constant of the test suite, with its provenance.
+
+Unless noted, values come from ../shared/SPEC.md §7 (computed there from the
+definitions with the math module only) and ORIGINAL_UDA.md §3.7.
+"""
+
+# TSA threshold eta(t) = c(t) * (1 - 1/K) + 1/K. (schedule, t, K) -> eta.
+TSA_THRESHOLDS = (
+    ("linear_schedule", 0.1, 19, 0.147368),
+    ("linear_schedule", 0.5, 19, 0.526316),
+    ("exp_schedule", 0.5, 19, 0.130396),
+    ("exp_schedule", 0.9, 19, 0.627240),
+    ("log_schedule", 0.1, 19, 0.425392),
+    ("log_schedule", 1.0, 19, 0.993617),
+    ("log_schedule", 0.5, 10, 0.926124),
+    # ORIGINAL_UDA.md §3.7 table, extra points.
+    ("linear_schedule", 0.0, 19, 0.052632),
+    ("exp_schedule", 0.0, 19, 0.059015),
+    ("log_schedule", 0.0, 10, 0.100000),
+)
+
+# TSA masking, K = 3, linear schedule.
+TSA_LOGITS = ((3.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 2.0, 0.0))
+TSA_LABELS = (0, 0, 1)
+TSA_P_CORRECT = (0.9094, 0.2741, 0.7870)  # 4 decimals in the SPEC.
+TSA_CE = (0.094923, 1.294377, 0.239545)
+TSA_KEPT_AT_HALF = (0.0, 1.0, 0.0)
+TSA_LOSS_AT_HALF = 1.294377
+TSA_LOSS_AT_ONE = 0.542948
+
+# Consistency: ori [2, 1, 0], aug [1, 1.5, 0].
+CONS_ORI = (2.0, 1.0, 0.0)
+CONS_AUG = (1.0, 1.5, 0.0)
+CONS_KL = ((-1.0, 0.239401), (0.4, 0.768114), (0.9, 0.280113))  # (T, KL)
+CONS_TARGETS = (
+    (-1.0, (0.665241, 0.244728, 0.090031)),
+    (0.4, (0.918423, 0.075389, 0.006188)),
+    (0.9, (0.695623, 0.228994, 0.075383)),
+)
+# Second pixel, confidence masking with T = 0.4 and thresh = 0.8.
+CONS_ORI_B = (4.0, 1.0, 0.0)
+CONS_AUG_B = (2.0, 2.0, 0.0)
+CONS_KL_B = 0.753517
+CONS_MASKED_LOSS = 0.376758  # mean over both pixels, the first masked out.
+CONS_MASKED_LOSS_WRONG = 0.753517  # what normalising by sum(M) would give.
+ENTROPY_ORI = 0.832396  # entropy of softmax([2, 1, 0]) in nats.
+
+# LR schedule: lr 0.03, 500k steps, no warmup. (step, lr).
+LR_PEAK = 0.03
+LR_TRAIN_STEPS = 500000
+LR_VALUES = ((0, 0.030000), (125000, 0.028246), (250000, 0.023190), (375000, 0.015423),
+             (500000, 0.005853))

@@ -1,0 +1,231 @@
+"""Frozen run configuration, built once from flags by flags/uda_flags.py.
+
+Field names are the flag names (the original UDA's where it had one), so that
+an error can name the flag. `Config.to_dict()` is what main.py writes to
+model_dir/FLAGS.json; `Config.from_dict()` reads it back (export, resume).
+"""
+
+import dataclasses
+from typing import Any
+
+TSA_SCHEDULES = ("", "linear_schedule", "log_schedule", "exp_schedule")
+TASK_NAMES = ("cityscapes", "camvid", "custom")
+MODEL_NAMES = ("deeplabv3plus", "unet")
+BACKBONES = ("resnet50", "resnet101", "mobilenetv2", "xception")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+AUG_OPS = ("all", "photometric")
+
+
+def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"--{flag}={value!r} is invalid: expected {expected}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how the two streams are cut and augmented."""
+
+    task_name: str = "cityscapes"
+    data_dir: str | None = None
+    # auto | folder | tfrecord | tfds | camvid | simple (see uda_tf/readers.py)
+    data_source: str = "auto"
+    sup_size: int = -1
+    unsup_ratio: int = 0
+    # Add leftImg8bit_trainextra to the unlabeled pool (Cityscapes only).
+    use_train_extra: bool = False
+    # Extra folder of unlabeled images (the simple layout, your own data).
+    unlabeled_dir: str | None = None
+    train_batch_size: int = 32
+    eval_batch_size: int = 8
+    eval_split: str = "val"
+    dev_size: int = -1
+    crop_height: int = 512
+    crop_width: int = 1024
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    num_classes: int = 19
+    ignore_label: int = 255
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    # RandAugment of the unlabeled aug view.
+    aug_ops: str = "all"
+    aug_num_layers: int = 2
+    aug_prob: float = 0.5
+    aug_cutout: bool = True
+    # Also RandAugment the labeled crops (jointly with their masks).
+    sup_randaugment: bool = False
+
+    def validate(self) -> None:
+        _check(self.task_name in TASK_NAMES, "task_name", self.task_name, str(TASK_NAMES))
+        _check(self.sup_size == -1 or self.sup_size > 0, "sup_size", self.sup_size, "-1 or > 0")
+        _check(self.unsup_ratio >= 0, "unsup_ratio", self.unsup_ratio, ">= 0")
+        _check(self.train_batch_size > 0, "train_batch_size", self.train_batch_size, "> 0")
+        _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "> 0")
+        _check(self.crop_height > 0, "crop_height", self.crop_height, "> 0")
+        _check(self.crop_width > 0, "crop_width", self.crop_width, "> 0")
+        _check(0 < self.min_scale, "min_scale", self.min_scale, "> 0")
+        _check(self.min_scale <= self.max_scale, "max_scale", self.max_scale, ">= --min_scale")
+        _check(self.num_classes > 1, "num_classes", self.num_classes, "> 1")
+        _check(0 <= self.ignore_label <= 255, "ignore_label", self.ignore_label, "in [0, 255]")
+        _check(
+            self.ignore_label >= self.num_classes,
+            "ignore_label",
+            self.ignore_label,
+            f">= --num_classes={self.num_classes}",
+        )
+        _check(self.aug_ops in AUG_OPS, "aug_ops", self.aug_ops, str(AUG_OPS))
+        _check(self.aug_num_layers >= 0, "aug_num_layers", self.aug_num_layers, ">= 0")
+        _check(0.0 <= self.aug_prob <= 1.0, "aug_prob", self.aug_prob, "in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which network; U-Net ignores the DeepLab fields and vice versa."""
+
+    model_name: str = "deeplabv3plus"
+    num_classes: int = 19
+    backbone: str = "resnet50"
+    output_stride: int = 16
+    backbone_weights: str | None = None
+    unet_depth: int = 4
+    unet_filters: int = 64
+
+    def validate(self) -> None:
+        _check(self.model_name in MODEL_NAMES, "model_name", self.model_name, str(MODEL_NAMES))
+        _check(self.backbone in BACKBONES, "backbone", self.backbone, str(BACKBONES))
+        _check(self.output_stride in (8, 16), "output_stride", self.output_stride, "8 or 16")
+        _check(self.unet_depth >= 1, "unet_depth", self.unet_depth, ">= 1")
+        _check(self.unet_filters >= 1, "unet_filters", self.unet_filters, ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class UdaConfig:
+    """The method's knobs, with the original's names and sentinels."""
+
+    unsup_ratio: int = 0
+    tsa: str = ""
+    uda_confidence_thresh: float = -1.0
+    uda_softmax_temp: float = -1.0
+    ent_min_coeff: float = 0.0
+    unsup_coeff: float = 1.0
+    num_classes: int = 19
+    ignore_label: int = 255
+    # Denominator of TSA progress (and of the LR schedule).
+    train_steps: int = 100000
+
+    def validate(self) -> None:
+        _check(self.tsa in TSA_SCHEDULES, "tsa", self.tsa, str(TSA_SCHEDULES))
+        _check(
+            self.uda_confidence_thresh == -1 or 0 <= self.uda_confidence_thresh < 1,
+            "uda_confidence_thresh",
+            self.uda_confidence_thresh,
+            "-1 (off) or in [0, 1)",
+        )
+        _check(
+            self.uda_softmax_temp == -1 or self.uda_softmax_temp > 0,
+            "uda_softmax_temp",
+            self.uda_softmax_temp,
+            "-1 (off) or > 0",
+        )
+        _check(self.ent_min_coeff >= 0, "ent_min_coeff", self.ent_min_coeff, ">= 0")
+        _check(self.unsup_coeff >= 0, "unsup_coeff", self.unsup_coeff, ">= 0")
+        _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule, checkpoints and the run's machinery."""
+
+    model_dir: str | None = None
+    do_train: bool = True
+    do_eval: bool = False
+    dev_size: int = -1
+    train_steps: int = 100000
+    iterations: int = 10000
+    save_steps: int = 10000
+    max_save: int = 10
+    learning_rate: float = 0.03
+    weight_decay_rate: float = 5e-4
+    warmup_steps: int = 0
+    moving_average_decay: float = 0.9999
+    strategy: str = "default"
+    use_tpu: bool = False
+    master: str | None = None
+    tpu: str | None = None
+    gcp_project: str | None = None
+    tpu_zone: str | None = None
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    verbose: bool = False
+
+    def validate(self) -> None:
+        _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
+        _check(self.iterations > 0, "iterations", self.iterations, "> 0")
+        _check(self.save_steps > 0, "save_steps", self.save_steps, "> 0")
+        _check(self.max_save > 0, "max_save", self.max_save, "> 0")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _check(self.weight_decay_rate >= 0, "weight_decay_rate", self.weight_decay_rate, ">= 0")
+        _check(
+            0 <= self.warmup_steps <= self.train_steps,
+            "warmup_steps",
+            self.warmup_steps,
+            f"in [0, --train_steps={self.train_steps}]",
+        )
+        _check(
+            self.moving_average_decay < 1,
+            "moving_average_decay",
+            self.moving_average_decay,
+            "< 1 (<= 0 disables the EMA)",
+        )
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy, str(STRATEGIES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    uda: UdaConfig = dataclasses.field(default_factory=UdaConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Checks every part and their agreement; returns self.
+
+        Raises:
+          ValueError: naming the flag and the value that is wrong.
+        """
+        for part in (self.data, self.model, self.uda, self.train):
+            part.validate()
+        _check(
+            self.model.num_classes == self.data.num_classes == self.uda.num_classes,
+            "num_classes",
+            (self.data.num_classes, self.model.num_classes, self.uda.num_classes),
+            "the same value for data, model and loss",
+        )
+        _check(
+            self.data.unsup_ratio == self.uda.unsup_ratio,
+            "unsup_ratio",
+            (self.data.unsup_ratio, self.uda.unsup_ratio),
+            "the same value for data and loss",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Inverse of to_dict; unknown keys are an error naming them."""
+        parts = {}
+        for field in dataclasses.fields(cls):
+            sub_cls = field.type if isinstance(field.type, type) else globals()[field.type]
+            sub = dict(d.get(field.name, {}))
+            known = {f.name for f in dataclasses.fields(sub_cls)}
+            unknown = sorted(set(sub) - known)
+            if unknown:
+                raise ValueError(f"Unknown {field.name} config keys {unknown} in FLAGS.json.")
+            parts[field.name] = sub_cls(**sub)
+        return cls(**parts)

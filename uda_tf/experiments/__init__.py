@@ -1,0 +1,1 @@
+"""Experiments built on uda_tf (label efficiency)."""

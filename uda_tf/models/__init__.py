@@ -1,0 +1,1 @@
+"""Segmentation models: DeepLabv3+ and U-Net."""
