@@ -302,5 +302,22 @@ class RandAugmentTest(tf.test.TestCase):
         self.assertEqual(batch[common.AUG_TRANSFORM].shape, (1, 8))
 
 
+class ResizeElementTest(tf.test.TestCase):
+    def test_half_resolution_keeps_labels_and_alignment(self):
+        # Blocks of 2x2 pixels: halving must keep each block's label exactly;
+        # a flat colour stays that colour (the image is filtered, not shifted).
+        labels = np.arange(12, dtype=np.uint8).reshape(3, 4) % 7
+        mask = np.kron(labels, np.ones((2, 2), np.uint8))  # [6, 8]
+        image = np.full((6, 8, 3), (200, 30, 7), np.uint8)
+        out = data.resize_element({common.IMAGE: image, common.MASK: mask}, 0.5)
+        self.assertEqual(out[common.MASK].dtype, tf.uint8)
+        self.assertAllEqual(out[common.MASK], labels)
+        self.assertAllEqual(out[common.IMAGE], np.full((3, 4, 3), (200, 30, 7), np.uint8))
+
+    def test_factor_one_is_the_identity(self):
+        element = {common.IMAGE: np.zeros((5, 7, 3), np.uint8)}
+        self.assertIs(data.resize_element(element, 1.0), element)
+
+
 if __name__ == "__main__":
     tf.test.main()

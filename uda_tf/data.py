@@ -258,6 +258,30 @@ def unlabeled_views(
     }
 
 
+def resize_element(element: dict[str, tf.Tensor], factor: float) -> dict[str, tf.Tensor]:
+    """Resizes IMAGE (bilinear, antialiased) and MASK (nearest) by `factor`.
+
+    Args:
+      element: {IMAGE uint8 [H, W, 3], optional MASK uint8 [H, W], ...}.
+      factor: the scale; 1.0 returns `element` unchanged.
+
+    Returns:
+      The element with IMAGE uint8 [round(H f), round(W f), 3] and MASK
+      uint8 [round(H f), round(W f)] (labels kept exactly).
+    """
+    if factor == 1.0:
+        return element
+    image = element[common.IMAGE]
+    size = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * factor), tf.int32)
+    out = dict(element)
+    resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+    out[common.IMAGE] = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    if common.MASK in element:
+        mask = tf.image.resize(element[common.MASK][:, :, None], size, method="nearest")
+        out[common.MASK] = tf.cast(mask[:, :, 0], element[common.MASK].dtype)
+    return out
+
+
 def _stream(source: readers.Source, cfg: config_lib.DataConfig, stream_id: int, fn, **kwargs):
     """Shuffled, repeated, enumerated, decoded and mapped examples of one stream."""
     # Each stream shuffles with its own seed, so that the labeled and the
@@ -268,7 +292,7 @@ def _stream(source: readers.Source, cfg: config_lib.DataConfig, stream_id: int, 
 
     def map_fn(index, raw):
         seed = seeds.example_seed(cfg.seed, stream_id, index)
-        return fn(decode(raw), seed=seed, cfg=cfg, **kwargs)
+        return fn(resize_element(decode(raw), cfg.resize_factor), seed=seed, cfg=cfg, **kwargs)
 
     return ds.map(map_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
 
@@ -305,6 +329,8 @@ def eval_dataset(cfg: config_lib.DataConfig, split: str = "val") -> tf.data.Data
     """
     readers.check_num_classes(cfg)
     ds = readers.labeled_source(cfg, split).elements()
+    if cfg.resize_factor != 1.0:
+        ds = ds.map(lambda e: resize_element(e, cfg.resize_factor), num_parallel_calls=AUTOTUNE)
     padding = {
         common.IMAGE: tf.constant(0, tf.uint8),
         common.MASK: tf.constant(cfg.ignore_label, tf.uint8),
