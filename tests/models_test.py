@@ -1,0 +1,365 @@
+"""Tests for uda_tf.models: shapes, strides, serialization, export, weights."""
+
+import functools
+import math
+import os
+import re
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+from uda_tf import common, models
+from uda_tf import config as config_lib
+from uda_tf.models import backbones
+
+NUM_CLASSES = 5
+# Tiny widths: <= 16 channels in the head, a few dozen in the backbones.
+_WIDTH = {"resnet50": 1 / 16, "resnet101": 1 / 16, "mobilenetv2": 0.1, "xception": 1 / 16}
+_TINY_UNET = {"unet_depth": 3, "unet_filters": 8}
+
+
+@functools.cache
+def _deeplab(backbone, output_stride=16):
+    keras.utils.set_random_seed(1)
+    return models.build_model(
+        "deeplabv3plus",
+        NUM_CLASSES,
+        backbone=backbone,
+        output_stride=output_stride,
+        backbone_width=_WIDTH[backbone],
+        aspp_filters=16,
+    )
+
+
+@functools.cache
+def _unet():
+    keras.utils.set_random_seed(1)
+    return models.build_model("unet", NUM_CLASSES, **_TINY_UNET)
+
+
+def _model(key):
+    return _unet() if key == "unet" else _deeplab(*key)
+
+
+def _images(h=65, w=129, n=2, seed=0):
+    return tf.random.stateless_uniform([n, h, w, 3], [seed, 0], 0, 255.0)
+
+
+def _normalise(x):
+    return (x - np.float32(common.MEAN_RGB)) / np.float32(common.STD_RGB)
+
+
+_ALL_MODELS = [
+    ("resnet50", ("resnet50",)),
+    ("resnet50_os8", ("resnet50", 8)),
+    ("resnet101", ("resnet101",)),
+    ("mobilenetv2", ("mobilenetv2",)),
+    ("xception", ("xception",)),
+    ("unet", "unet"),
+]
+
+
+class ShapeTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(*_ALL_MODELS)
+    def test_logits_at_input_size(self, key):
+        model = _model(key)
+        for h, w in ((65, 129), (33, 47)):
+            logits = model(_images(h, w), training=False)
+            self.assertEqual(logits.shape, (2, h, w, NUM_CLASSES))
+            self.assertEqual(logits.dtype, tf.float32)
+            self.assertTrue(np.isfinite(logits.numpy()).all())
+
+    @parameterized.product(backbone=backbones.BACKBONES, output_stride=(8, 16))
+    def test_backbone_feature_strides(self, backbone, output_stride):
+        net = _deeplab(backbone, output_stride).get_layer("backbone")
+        for h, w in ((64, 128), (65, 129)):
+            low, high = net(_normalise(_images(h, w, n=1)))
+            self.assertEqual(low.shape[1:3], (math.ceil(h / 4), math.ceil(w / 4)))
+            self.assertEqual(
+                high.shape[1:3], (math.ceil(h / output_stride), math.ceil(w / output_stride))
+            )
+
+    @parameterized.parameters(*backbones.BACKBONES)
+    def test_dilation_keeps_every_layer(self, backbone):
+        os8 = _deeplab(backbone, 8).get_layer("backbone")
+        os16 = _deeplab(backbone, 16).get_layer("backbone")
+        self.assertEqual(os8.count_params(), os16.count_params())
+        self.assertEqual([l.name for l in os8.layers], [l.name for l in os16.layers])
+        rates = [max(getattr(l, "dilation_rate", (1,))) for l in os8.layers]
+        self.assertEqual(max(rates), 4)
+        self.assertEqual(max(max(getattr(l, "dilation_rate", (1,))) for l in os16.layers), 2)
+        aspp = {os: _deeplab(backbone, os).get_layer("aspp_conv3").dilation_rate for os in (8, 16)}
+        self.assertEqual(aspp, {8: (36, 36), 16: (18, 18)})
+
+    def test_layer_names_are_snake_case(self):
+        model = _deeplab("mobilenetv2")
+        names = [l.name for l in model.layers] + [
+            l.name for l in model.get_layer("backbone").layers
+        ]
+        names += [l.name for l in _unet().layers]
+        bad = [n for n in names if not re.fullmatch(r"[a-z0-9_]+", n)]
+        self.assertEqual(bad, [])
+
+    def test_uint8_input_is_cast(self):
+        model = _unet()
+        x = tf.cast(_images(), tf.uint8)
+        self.assertAllClose(model(x), model(tf.cast(x, tf.float32)), atol=0, rtol=0)
+
+    def test_mixed_precision_gives_float32_logits(self):
+        previous = keras.mixed_precision.global_policy()
+        try:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+            for name in ("deeplabv3plus", "unet"):
+                model = models.build_model(
+                    name,
+                    3,
+                    backbone="mobilenetv2",
+                    backbone_width=0.1,
+                    aspp_filters=8,
+                    **_TINY_UNET,
+                )
+                self.assertEqual(model.get_layer("logits").compute_dtype, "float32")
+                inner = "decoder_conv1" if name == "deeplabv3plus" else "enc1_conv1"
+                self.assertEqual(model.get_layer(inner).compute_dtype, "float16")
+                logits = model(_images(33, 47, n=1))
+                self.assertEqual(logits.dtype, tf.float32)
+                self.assertEqual(logits.shape, (1, 33, 47, 3))
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    def test_bad_arguments_raise(self):
+        with self.assertRaisesRegex(ValueError, "model_name='segnet'"):
+            models.build_model("segnet", 3)
+        with self.assertRaisesRegex(ValueError, "'vgg16'"):
+            models.build_model("deeplabv3plus", 3, backbone="vgg16")
+        with self.assertRaisesRegex(ValueError, "output_stride=4"):
+            models.build_model("deeplabv3plus", 3, output_stride=4)
+
+    def test_build_from_config(self):
+        cfg = config_lib.ModelConfig(model_name="unet", num_classes=3, unet_depth=2, unet_filters=4)
+        model = models.build_model_from_config(cfg, name="small")
+        self.assertEqual(model.name, "small")
+        self.assertEqual(model.depth, 2)
+        self.assertEqual(model(_images(33, 47, n=1)).shape, (1, 33, 47, 3))
+
+
+class SerializationTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(("deeplab", ("xception",)), ("unet", "unet"))
+    def test_config_round_trip(self, key):
+        model = _model(key)
+        clone = type(model).from_config(model.get_config())
+        self.assertEqual(clone.get_config(), model.get_config())
+        clone.set_weights(model.get_weights())
+        x = _images()
+        self.assertAllClose(clone(x), model(x), atol=1e-5)
+
+    def test_keras_file_round_trip(self):
+        model = _deeplab("mobilenetv2")
+        path = os.path.join(self.get_temp_dir(), "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        self.assertIsInstance(loaded, models.DeepLabV3Plus)
+        x = _images()
+        self.assertAllClose(loaded(x), model(x), atol=1e-5)
+
+    @parameterized.named_parameters(("deeplab", ("mobilenetv2",)), ("unet", "unet"))
+    def test_saved_model_and_tflite_agree(self, key):
+        model = _model(key)
+        export_dir = os.path.join(self.get_temp_dir(), f"saved_{key[0]}")
+        model.export(export_dir, verbose=False)
+        x = _images(65, 129, n=1)
+        expected = model(x, training=False).numpy()
+        loaded = tf.saved_model.load(export_dir)  # Keep a reference to its variables.
+        served = loaded.serve(x)
+        self.assertAllClose(served, expected, atol=1e-4)
+        converter = tf.lite.TFLiteConverter.from_saved_model(export_dir)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            self.skipTest("ai_edge_litert is not installed")
+        interpreter = Interpreter(model_content=converter.convert())
+        (inp,) = interpreter.get_input_details()
+        self.assertEqual(list(inp["shape_signature"]), [-1, -1, -1, 3])
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x.numpy())
+        interpreter.invoke()
+        out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        self.assertAllClose(out, expected, atol=1e-4)
+
+
+class TrainingTest(tf.test.TestCase, parameterized.TestCase):
+    def _fit(self, model, steps):
+        x = _images(64, 64, n=4, seed=3)
+        labels = tf.cast(x[..., 0] > 128.0, tf.int32) + 2 * tf.cast(x[..., 1] > 128.0, tf.int32)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=True,  # Tracing the train step costs more than 4 tiny steps.
+        )
+        return model.fit(x, labels, batch_size=4, epochs=steps, verbose=0).history["loss"]
+
+    @parameterized.named_parameters(("deeplab", "deeplabv3plus", 1), ("unet", "unet", 2))
+    def test_fit_lowers_loss_and_is_deterministic(self, name, num_runs):
+        runs = []
+        for _ in range(num_runs):
+            keras.utils.set_random_seed(7)
+            model = models.build_model(
+                name, 4, backbone="mobilenetv2", backbone_width=0.1, aspp_filters=8, **_TINY_UNET
+            )
+            losses = self._fit(model, steps=3)
+            self.assertLess(losses[-1], losses[0])
+            runs.append(model.get_weights())
+        for weights in runs[1:]:  # The same seed gives the same weights.
+            for w, w_again in zip(runs[0], weights):
+                self.assertAllEqual(w, w_again)
+
+
+def _write_legacy_h5(path, named_weights):
+    """Writes {layer: [arrays]} in the legacy format of the keras.applications files."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode("utf8") for n in named_weights]
+        for name, arrays in named_weights.items():
+            group = f.create_group(name)
+            weight_names = [f"{name}/w{i}:0" for i in range(len(arrays))]
+            group.attrs["weight_names"] = [n.encode("utf8") for n in weight_names]
+            for weight_name, array in zip(weight_names, arrays):
+                group.create_dataset(weight_name, data=array)
+
+
+def _randomise_bn(net, seed):
+    rng = np.random.default_rng(seed)
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.uniform(-0.2, 0.2, c),
+                    rng.uniform(-0.2, 0.2, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
+
+
+class BackboneWeightsTest(tf.test.TestCase, parameterized.TestCase):
+    def test_weights_file_round_trip(self):
+        model = _deeplab("resnet50")
+        path = os.path.join(self.get_temp_dir(), "backbone.weights.h5")
+        _randomise_bn(model.get_layer("backbone"), 0)
+        model.get_layer("backbone").save_weights(path)
+        kwargs = {"backbone": "resnet50", "backbone_width": _WIDTH["resnet50"], "aspp_filters": 16}
+        keras.utils.set_random_seed(2)
+        fresh = models.build_model("deeplabv3plus", NUM_CLASSES, backbone_weights=path, **kwargs)
+        keras.utils.set_random_seed(2)
+        random = models.build_model("deeplabv3plus", NUM_CLASSES, **kwargs)
+        x = _normalise(_images())
+        expected = model.get_layer("backbone")(x)
+        for a, b in zip(fresh.get_layer("backbone")(x), expected):
+            self.assertAllClose(a, b, atol=0, rtol=0)
+        self.assertNotAllClose(random.get_layer("backbone")(x)[1], expected[1])
+
+    def test_mismatched_files_name_the_layer(self):
+        path = os.path.join(self.get_temp_dir(), "resnet.weights.h5")
+        _deeplab("resnet50").get_layer("backbone").save_weights(path)
+        with self.assertRaisesRegex(ValueError, r"backbone layer 'conv1'.*not in the file"):
+            models.build_model(
+                "deeplabv3plus",
+                3,
+                backbone="mobilenetv2",
+                backbone_width=0.1,
+                aspp_filters=8,
+                backbone_weights=path,
+            )
+        wider = backbones.build_backbone("resnet50", width=1 / 8)
+        pattern = r"layer 'conv1_conv'.*expected .*\(7, 7, 3, 8\).*found .*\(7, 7, 3, 4\)"
+        with self.assertRaisesRegex(ValueError, pattern):
+            models.load_backbone_weights(wider, path)
+        with self.assertRaisesRegex(ValueError, "no such file"):
+            models.load_backbone_weights(wider, path + ".missing")
+
+    @parameterized.parameters("resnet50", "mobilenetv2", "xception")
+    def test_keras_applications_file_folds_preprocessing(self, name):
+        """A legacy file is read as weights of a network fed keras preprocess_input."""
+        width = {"mobilenetv2": 0.35}.get(name, 1 / 16)
+        source = backbones.build_backbone(name, output_stride=32, width=width)
+        _randomise_bn(source, 1)
+        named = {}
+        shortcut = 0
+        for layer in source.layers:
+            if not layer.weights:
+                continue
+            file_name = layer.name.upper() if name == "mobilenetv2" else layer.name
+            if "shortcut" in layer.name:  # Keras auto names, out of order.
+                shortcut += 1
+                kind = "batch_normalization" if layer.name.endswith("_bn") else "conv2d"
+                file_name = f"{kind}_{9 - shortcut}"
+            named[file_name] = [w.numpy() for w in layer.weights]
+        named["predictions"] = [np.zeros((4, 2), np.float32)]  # An extra top is skipped.
+        path = os.path.join(self.get_temp_dir(), f"{name}_notop.h5")
+        _write_legacy_h5(path, named)
+        target = backbones.build_backbone(name, output_stride=32, width=width)
+        models.load_backbone_weights(target, path)
+        x = _images(96, 96, n=1)
+        if name == "resnet50":  # 'caffe': BGR minus the mean.
+            preprocessed = x[..., ::-1] - np.float32([103.939, 116.779, 123.68])
+        else:  # 'tf'
+            preprocessed = x / 127.5 - 1.0
+        low, expected_low = target(_normalise(x))[0], source(preprocessed)[0]
+        # The first conv's zero padding stands for another colour: compare the
+        # stride-4 features away from the border.
+        scale = np.abs(expected_low.numpy()).max()
+        self.assertAllClose(low[:, 5:-5, 5:-5], expected_low[:, 5:-5, 5:-5], atol=1e-4 * scale)
+        # Every other weight is copied as it is (Xception's shortcuts included).
+        folded = {"resnet50": 2, "mobilenetv2": 5, "xception": 5}[name]
+        target_weights, source_weights = target.get_weights(), source.get_weights()
+        self.assertEqual(len(target_weights), len(source_weights))
+        for a, b in zip(target_weights[folded:], source_weights[folded:]):
+            self.assertAllEqual(a, b)
+
+
+_KERAS_APPS = {
+    "resnet50": ("ResNet50", "resnet", "conv2_block3_out", "conv5_block3_out"),
+    "resnet101": ("ResNet101", "resnet", "conv2_block3_out", "conv5_block3_out"),
+    "mobilenetv2": ("MobileNetV2", "mobilenet_v2", "block_2_depthwise_relu", "block_16_project_BN"),
+    "xception": ("Xception", "xception", "block3_sepconv2_bn", "block14_sepconv2_act"),
+}
+
+
+@pytest.mark.slow
+class KerasApplicationsTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.parameters(*backbones.BACKBONES)
+    def test_loads_keras_applications_weights(self, name):
+        """A keras.applications network's file gives the same features at output stride 32."""
+        ctor, module, low_name, high_name = _KERAS_APPS[name]
+        reference = getattr(keras.applications, ctor)(
+            weights=None, include_top=False, input_shape=(None, None, 3)
+        )
+        _randomise_bn(reference, 2)
+        path = os.path.join(self.get_temp_dir(), f"{name}_notop.h5")
+        _write_legacy_h5(
+            path, {l.name: [w.numpy() for w in l.weights] for l in reference.layers if l.weights}
+        )
+        ours = backbones.build_backbone(name, output_stride=32)
+        self.assertEqual(
+            ours.count_params(), reference.count_params() - (414720 if name == "mobilenetv2" else 0)
+        )
+        models.load_backbone_weights(ours, path)
+        reference = keras.Model(
+            reference.input,
+            [reference.get_layer(low_name).output, reference.get_layer(high_name).output],
+        )
+        x = _images(160, 160, n=1)
+        preprocess = getattr(keras.applications, module).preprocess_input
+        expected_low, expected_high = reference(preprocess(x.numpy().copy()))
+        low, high = ours(_normalise(x))
+        if name != "xception":  # Keras's Xception stem is 'valid': another low-level size.
+            scale = np.abs(expected_low.numpy()).max()
+            self.assertAllClose(low[:, 6:-6, 6:-6], expected_low[:, 6:-6, 6:-6], atol=1e-3 * scale)
+        scale = np.abs(expected_high.numpy()).max()
+        self.assertAllClose(high, expected_high, atol=2e-2 * scale)
