@@ -50,3 +50,11 @@ LR_PEAK = 0.03
 LR_TRAIN_STEPS = 500000
 LR_VALUES = ((0, 0.030000), (125000, 0.028246), (250000, 0.023190), (375000, 0.015423),
              (500000, 0.005853))
+
+# TSA masking at t = 0 (eta = 1/3): mask [0, 1, 0]. ORIGINAL_UDA.md §3.7.
+TSA_LOSS_AT_ZERO = 1.294377
+
+# Confusion matrix, K = 3, rows = ground truth, columns = prediction; computed
+# by hand: IoU_c = TP / (row sum + column sum - TP) = 3/5, 2/3, 0/1.
+IOU_CONFUSION = ((3, 1, 0), (0, 2, 0), (1, 0, 0))
+IOU_PER_CLASS = (0.6, 2.0 / 3.0, 0.0)

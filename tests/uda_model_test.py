@@ -1,0 +1,319 @@
+"""Tests of uda_tf/uda_model.py: the UDA train step, EMA, weight decay, distribution."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+from uda_tf import common, losses
+from uda_tf.config import UdaConfig
+from uda_tf.schedules import build_optimizer
+from uda_tf.uda_model import (
+    TerminateOnNonFiniteLoss,
+    UdaModel,
+    apply_weight_decay,
+)
+
+NUM_CLASSES = 3
+SIZE = 32
+UDA_ON = UdaConfig(
+    unsup_ratio=1,
+    tsa="linear_schedule",
+    uda_confidence_thresh=0.36,
+    uda_softmax_temp=0.5,
+    ent_min_coeff=0.1,
+    unsup_coeff=2.0,
+    num_classes=NUM_CLASSES,
+    train_steps=4,
+)
+UDA_OFF = UdaConfig(unsup_ratio=0, num_classes=NUM_CLASSES, train_steps=4)
+
+
+def tiny_network(seed=0, batch_norm=False):
+    """Two convolutions, <= 16 filters; synchronized BN when asked."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(synchronized=True)(x)
+    outputs = keras.layers.Conv2D(NUM_CLASSES, 1)(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+def make_batch(sup_size=4, unsup_size=4, seed=0):
+    """A fixed batch. The ignored pixels and invalid ori pixels are unevenly
+    spread over the batch, so per-replica means differ from global ones."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (sup_size, SIZE, SIZE, 3), dtype=np.uint8)
+    mask = (image[..., 0] // 86).astype(np.uint8)  # learnable: a function of red
+    mask[0, :, : SIZE - 4] = 255
+    mask[1, :8] = 255
+    ori = rng.integers(0, 256, (unsup_size, SIZE, SIZE, 3), dtype=np.uint8)
+    ori_valid = np.ones((unsup_size, SIZE, SIZE), np.uint8)
+    ori_valid[0, :20] = 0
+    shift = np.array([3, -2, 0, 5][:unsup_size], np.float32)
+    transforms = np.zeros((unsup_size, 8), np.float32)
+    transforms[:, 0] = transforms[:, 4] = 1.0
+    transforms[:, 2] = shift  # aug pixel x reads ori pixel x + shift
+    aug = np.stack([np.roll(o, -int(s), axis=1) for o, s in zip(ori, shift)])
+    return {
+        common.IMAGE: image,
+        common.MASK: mask,
+        common.ORI_IMAGE: ori,
+        common.ORI_VALID: ori_valid,
+        common.AUG_IMAGE: aug,
+        common.AUG_TRANSFORM: transforms,
+    }
+
+
+def make_model(uda=UDA_ON, *, seed=0, decay=0.5, wd=1e-3, lr=0.1, batch_norm=False):
+    model = UdaModel(
+        tiny_network(seed, batch_norm),
+        uda=uda,
+        moving_average_decay=decay,
+        weight_decay_rate=wd,
+    )
+    model.compile(optimizer=build_optimizer(learning_rate=lr, train_steps=uda.train_steps))
+    return model
+
+
+def dataset(batch):
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def weights_of(model):
+    return [w.numpy() for w in model.network.weights]
+
+
+class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
+    def test_logs_match_the_losses_module(self):
+        model = make_model()
+        batch = make_batch()
+        initial = [w.numpy() for w in model.network.trainable_weights]
+        logits = model.network(
+            tf.cast(
+                tf.concat(
+                    [batch[common.IMAGE], batch[common.ORI_IMAGE], batch[common.AUG_IMAGE]], 0
+                ),
+                tf.float32,
+            ),
+            training=True,
+        )
+        sup = losses.supervised_loss(
+            logits=logits[:4],
+            labels=batch[common.MASK],
+            num_classes=NUM_CLASSES,
+            tsa="linear_schedule",
+            progress=0.0,
+        )
+        cons = losses.consistency_loss(
+            ori_logits=logits[4:8],
+            aug_logits=logits[8:],
+            softmax_temp=0.5,
+            confidence_thresh=0.36,
+            transforms=batch[common.AUG_TRANSFORM],
+            ori_valid=batch[common.ORI_VALID],
+        )
+        ent = losses.entropy_loss(logits=logits[4:8], valid=batch[common.ORI_VALID])
+        wd = 0.5 * 1e-3 * sum(float(np.sum(w**2)) for w in initial)
+        logs = model.train_step(batch)
+        self.assertAllClose(logs["sup/loss"], sup["loss"], atol=1e-5)
+        self.assertAllClose(logs["sup/trained_ratio"], sup["trained_ratio"], atol=1e-6)
+        self.assertAllClose(logs["sup/tsa_threshold"], 1.0 / 3.0, atol=1e-6)
+        self.assertAllClose(logs["unsup/loss"], cons["loss"], atol=1e-5)
+        self.assertAllClose(logs["unsup/high_prob_ratio"], cons["high_prob_ratio"], atol=1e-6)
+        self.assertAllClose(logs["unsup/ent_min_loss"], ent["loss"], atol=1e-5)
+        expected_total = sup["loss"] + 2.0 * cons["loss"] + 0.1 * ent["loss"] + wd
+        self.assertAllClose(logs["total_loss"], expected_total, atol=1e-5)
+        self.assertAllClose(logs["lr"], 0.1)
+        # The run is not trivial: TSA and the confidence mask both drop pixels.
+        self.assertBetween(float(logs["sup/trained_ratio"]), 0.05, 0.95)
+        self.assertBetween(float(logs["unsup/high_prob_ratio"]), 0.05, 0.95)
+
+    def test_weight_decay_is_half_wd_sum_of_squares_over_every_variable(self):
+        network = tiny_network(batch_norm=True)
+        count = apply_weight_decay(network, 5e-4)
+        self.assertEqual(count, len(network.trainable_variables))
+        self.assertEqual(count, 6)  # 2 kernels, 2 biases, BN gamma and beta
+        by_hand = (
+            0.5 * 5e-4 * sum(float(np.sum(v.numpy() ** 2)) for v in network.trainable_variables)
+        )
+        self.assertAllClose(tf.add_n(network.losses), by_hand, rtol=1e-6)
+        model = UdaModel(network, uda=UDA_OFF, moving_average_decay=0.0)
+        self.assertAllClose(model._weight_decay_share(), by_hand, rtol=1e-6)
+
+    def test_ema_matches_the_closed_form(self):
+        decay = 0.5
+        model = make_model(decay=decay)
+        batch = make_batch()
+        history = [weights_of(model)]
+        for _ in range(3):
+            model.train_step(batch)
+            history.append(weights_of(model))
+        # shadow_n = d^n v_0 + (1 - d) sum_k d^(n-k) v_k
+        n = len(history) - 1
+        for i, shadow in enumerate(model.ema_network.weights):
+            expected = decay**n * history[0][i] + sum(
+                (1 - decay) * decay ** (n - k) * history[k][i] for k in range(1, n + 1)
+            )
+            self.assertAllClose(shadow, expected, atol=1e-6)
+        self.assertNotAllClose(model.ema_network.weights[0], model.network.weights[0])
+        # Evaluation uses the shadows and leaves the trained weights alone.
+        images = batch[common.IMAGE]
+        self.assertAllClose(model(images), model.ema_network(tf.cast(images, tf.float32)))
+        before = weights_of(model)
+        model.evaluate(dataset(batch), steps=1, verbose=0)
+        for a, b in zip(before, weights_of(model)):
+            self.assertAllEqual(a, b)
+
+    def test_ema_off_uses_the_network(self):
+        model = make_model(decay=0.0)
+        self.assertIs(model.ema_network, model.network)
+        self.assertLen(model.weights, len(model.network.weights))
+
+    def test_ema_is_saved_with_the_weights(self):
+        model = make_model()
+        model.train_step(make_batch())
+        other = make_model(seed=1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.weights.h5")
+            model.save_weights(path)
+            other.load_weights(path)
+        for a, b in zip(model.weights, other.weights):
+            self.assertAllEqual(a, b)
+        self.assertNotAllClose(other.ema_network.weights[0], other.network.weights[0])
+
+    def test_fit_under_xla(self):
+        model = make_model()
+        model.compile(optimizer=build_optimizer(learning_rate=0.1, train_steps=4), jit_compile=True)
+        history = model.fit(dataset(make_batch()), epochs=1, steps_per_epoch=2, verbose=0)
+        self.assertTrue(np.isfinite(history.history["total_loss"][-1]))
+        self.assertEqual(int(model.optimizer.iterations), 2)
+
+    @parameterized.parameters(UDA_OFF, UDA_ON)
+    def test_fit_decreases_the_loss_on_a_fixed_batch(self, uda):
+        model = make_model(uda, decay=0.9, lr=0.05)
+        batch = make_batch()
+        history = model.fit(dataset(batch), epochs=4, steps_per_epoch=3, verbose=0)
+        sup_loss = history.history["sup/loss"]
+        self.assertLess(sup_loss[-1], sup_loss[0])
+        expected_keys = {"sup/loss", "sup/tsa_threshold", "sup/trained_ratio", "total_loss", "lr"}
+        if uda.unsup_ratio:
+            expected_keys |= {"unsup/loss", "unsup/high_prob_ratio", "unsup/ent_min_loss"}
+        self.assertEqual(set(history.history), expected_keys)
+        self.assertEqual(int(model.optimizer.iterations), 12)
+        result = model.evaluate(dataset(batch), steps=2, return_dict=True, verbose=0)
+        self.assertEqual(set(result), {"mean_iou"})
+        self.assertBetween(result["mean_iou"], 0.0, 1.0)
+
+    def test_same_seed_same_weights(self):
+        runs = []
+        for _ in range(2):
+            model = make_model()
+            for _ in range(3):
+                model.train_step(make_batch())
+            runs.append(weights_of(model) + [w.numpy() for w in model.ema_network.weights])
+        for a, b in zip(*runs):
+            self.assertAllEqual(a, b)
+
+    def test_non_finite_loss_stops_fit_naming_step_and_terms(self):
+        model = make_model()
+        kernel = model.network.trainable_weights[0]
+        kernel.assign(tf.fill(kernel.shape, np.nan))
+        with self.assertRaisesRegex(
+            tf.errors.InvalidArgumentError, r"(?s)step.*sup/loss.*unsup/loss.*total_loss"
+        ):
+            model.fit(dataset(make_batch()), epochs=1, steps_per_epoch=1, verbose=0)
+        self.assertTrue(np.isnan(kernel.numpy()).all())  # untouched, not scrubbed
+
+    def test_callback_names_step_and_terms(self):
+        model = make_model()
+        callback = TerminateOnNonFiniteLoss()
+        callback.set_model(model)
+        callback.on_train_batch_end(0, {"sup/loss": 1.0, "total_loss": 2.0})
+        with self.assertRaisesRegex(FloatingPointError, r"step 0.*unsup/loss': nan"):
+            callback.on_train_batch_end(0, {"sup/loss": 1.0, "unsup/loss": float("nan")})
+
+    def test_missing_unlabeled_keys_raise(self):
+        model = make_model()
+        batch = make_batch()
+        del batch[common.AUG_IMAGE]
+        with self.assertRaisesRegex(ValueError, "aug_image"):
+            model.train_step(batch)
+
+
+class DistributedTest(tf.test.TestCase):
+    """Two replicas x half the batch == one replica x the whole batch.
+
+    The network has no BN (per-replica batch statistics would differ from the
+    global ones by design); a synchronized-BN variant is checked too. One
+    MirroredStrategy serves every test: two instances in one process can
+    assign clashing collective keys on the same devices.
+    """
+
+    _mirrored = None
+
+    @classmethod
+    def mirrored(cls):
+        if cls._mirrored is None:
+            cls._mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        return cls._mirrored
+
+    def _run(self, strategy, batch, *, batch_norm=False, custom_loop=False, steps=2):
+        with strategy.scope():
+            model = make_model(batch_norm=batch_norm)
+        if custom_loop:
+            with strategy.scope():  # before tracing: no variable creation in the step
+                model.optimizer.build(model.network.trainable_variables)
+            iterator = iter(strategy.experimental_distribute_dataset(dataset(batch)))
+            step = tf.function(model.distributed_train_step)
+            logs = [step(next(iterator)) for _ in range(steps)][-1]
+        else:
+            history = model.fit(dataset(batch), epochs=1, steps_per_epoch=steps, verbose=0)
+            logs = {k: v[-1] for k, v in history.history.items()}
+        # Each replica sees a different share of the ignored pixels: the
+        # confusion matrix must be summed over replicas, not averaged.
+        logs["eval/mean_iou"] = model.evaluate(dataset(batch), steps=1, verbose=0)
+        weights = weights_of(model) + [w.numpy() for w in model.ema_network.weights]
+        return {k: float(v) for k, v in logs.items()}, weights
+
+    def _check_same(self, reference, other):
+        ref_logs, ref_weights = reference
+        logs, weights = other
+        self.assertEqual(set(logs), set(ref_logs))
+        for key in ref_logs:
+            self.assertAllClose(logs[key], ref_logs[key], atol=1e-5, msg=key)
+        for a, b in zip(ref_weights, weights):
+            self.assertAllClose(a, b, atol=1e-5)
+
+    _reference = None
+
+    def reference(self):
+        """Logs and weights after 2 steps on one device, computed once."""
+        if DistributedTest._reference is None:
+            DistributedTest._reference = self._run(tf.distribute.get_strategy(), make_batch())
+        return DistributedTest._reference
+
+    def test_mirrored_fit_equals_one_device(self):
+        self.assertLen(tf.config.list_logical_devices("CPU"), 2)
+        self._check_same(self.reference(), self._run(self.mirrored(), make_batch()))
+
+    def test_mirrored_custom_loop_equals_one_device(self):
+        mirrored_logs = self._run(self.mirrored(), make_batch(), custom_loop=True)
+        self._check_same(self.reference(), mirrored_logs)
+
+    @pytest.mark.slow
+    def test_mirrored_equals_one_device_with_synchronized_bn(self):
+        batch = make_batch()
+        single = self._run(tf.distribute.get_strategy(), batch, batch_norm=True, steps=1)
+        mirrored = self.mirrored()
+        self._check_same(single, self._run(mirrored, batch, batch_norm=True, steps=1))
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,334 @@
+"""UdaModel: the keras.Model whose train_step is UDA's, for fit and custom loops.
+
+One forward pass on concat[labeled, ori, aug] in training mode (BN statistics
+shared by the three groups, as the original), then L_sup (TSA) + unsup_coeff *
+L_cons + ent_min_coeff * L_ent + weight decay, SGD, and an EMA of the weights.
+
+Distribution. Keras sums the replicas' gradients (TFOptimizer all-reduces with
+SUM) and Keras's own losses divide by the number of replicas. Here every
+normalised mean is global instead: each replica's loss is its share
+local_sum / max(global_count, 1), the counts being summed over replicas
+(`losses.replica_sum`), so the summed gradients are those of the global loss
+for any split of the batch. The weight decay, the same on every replica, is
+divided by the number of replicas. The returned logs are global values, the
+same on every replica.
+
+EMA. As image/main.py (tf.train.ExponentialMovingAverage(decay), no
+num_updates): after every step, shadow -= (1 - decay) * (shadow - variable)
+for every float variable of the network, trainable ones and BN moving
+statistics, shadows starting from the network's weights at construction.
+The shadows are the variables of `ema_network`, a clone of the network:
+evaluation, predict and export use it directly (no swapping), and it is
+saved with the model's weights and checkpoints. decay <= 0 disables it and
+`ema_network` is then the network itself.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from uda_tf import common, losses
+from uda_tf.config import UdaConfig
+from uda_tf.metrics import ConfusionMatrixIoU
+
+# The loss terms of the logs, checked for NaN/Inf every step.
+LOSS_LOG_KEYS = ("sup/loss", "unsup/loss", "unsup/ent_min_loss", "total_loss")
+
+
+def apply_weight_decay(network: keras.Model, weight_decay_rate: float) -> int:
+    """Adds 1/2 * wd * ||v||^2 of every trainable variable to `network.losses`.
+
+    As the original's l2 over all trainable variables (BN and biases
+    included): sets `keras.regularizers.L2(wd / 2)` (which computes
+    l2 * sum(v^2)) as the regularizer of each trainable variable; Keras 3
+    layers add `variable.regularizer(variable)` of their trainable weights to
+    `losses`. Call it after the network is built.
+
+    Args:
+      network: a built keras.Model.
+      weight_decay_rate: wd (--weight_decay_rate); 0 removes the regularizers.
+
+    Returns:
+      The number of variables regularised.
+
+    Raises:
+      ValueError: for a negative rate or an unbuilt network.
+    """
+    if weight_decay_rate < 0:
+        raise ValueError(f"--weight_decay_rate={weight_decay_rate!r} is invalid: expected >= 0.")
+    if not network.built:
+        raise ValueError(f"Network {network.name!r} must be built before apply_weight_decay.")
+    regularizer = keras.regularizers.L2(weight_decay_rate / 2.0) if weight_decay_rate else None
+    for variable in network.trainable_variables:
+        variable.regularizer = regularizer
+    return len(network.trainable_variables)
+
+
+class TerminateOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` with the step and every loss term when one is NaN/Inf.
+
+    The train step already asserts this in-graph; XLA drops that assertion
+    (jit_compile), so this callback catches it from the logs, after the
+    execution (`steps_per_execution` steps) that produced it.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        terms = {k: float(logs[k]) for k in LOSS_LOG_KEYS if k in logs}
+        if not all(math.isfinite(v) for v in terms.values()):
+            step = int(self.model.optimizer.iterations.numpy())
+            raise FloatingPointError(f"Non-finite loss at step {step}: {terms}")
+
+
+class UdaModel(keras.Model):
+    """UDA training around a segmentation network.
+
+    Args:
+      network: a built keras.Model from float32 images [N, H, W, 3] in
+        [0, 255] to logits [N, H, W, K].
+      uda: the method's knobs (unsup_ratio, tsa, ..., train_steps).
+      moving_average_decay: EMA decay; <= 0 disables the EMA.
+      weight_decay_rate: if > 0, `apply_weight_decay(network, rate)`.
+      ema_network: optional network of the same architecture to hold the EMA
+        shadows (default: keras.models.clone_model(network)).
+      **kwargs: for keras.Model (name, ...).
+
+    Raises:
+      ValueError: for an invalid `uda`, an unbuilt network, or an
+        `ema_network` whose weights do not match the network's.
+    """
+
+    def __init__(
+        self,
+        network: keras.Model,
+        *,
+        uda: UdaConfig,
+        moving_average_decay: float = 0.9999,
+        weight_decay_rate: float = 0.0,
+        ema_network: keras.Model | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        uda.validate()
+        if not network.built:
+            raise ValueError(f"Network {network.name!r} must be built before UdaModel.")
+        self.uda_config = uda
+        self.network = network
+        self.moving_average_decay = float(moving_average_decay)
+        if weight_decay_rate:
+            apply_weight_decay(network, weight_decay_rate)
+        self._ema_network = None
+        if self.moving_average_decay > 0:
+            self._ema_network = ema_network or keras.models.clone_model(network)
+            self._ema_network.trainable = False
+            pairs = _float_weight_pairs(self._ema_network, network)
+            logging.info("EMA over %d float weights of %s.", len(pairs), network.name)
+            self.copy_weights_to_ema()
+        self.iou_metric = ConfusionMatrixIoU(uda.num_classes, ignore_label=uda.ignore_label)
+        self.built = True
+
+    @property
+    def ema_network(self) -> keras.Model:
+        """The network holding the EMA weights (the network if EMA is off)."""
+        return self._ema_network if self._ema_network is not None else self.network
+
+    @property
+    def metrics(self):
+        return [self.iou_metric]
+
+    def copy_weights_to_ema(self) -> None:
+        """Sets the shadows to the network's weights (e.g. after loading them)."""
+        if self._ema_network is not None:
+            for shadow, variable in _float_weight_pairs(self._ema_network, self.network):
+                shadow.assign(variable)
+
+    def call(self, inputs, training=False):
+        images = inputs[common.IMAGE] if isinstance(inputs, dict) else inputs
+        images = tf.cast(images, tf.float32)
+        if training:
+            return self.network(images, training=True)
+        return self.ema_network(images, training=False)
+
+    def train_step(self, data):
+        """One UDA step; runs per replica (Keras fit or `strategy.run`).
+
+        Args:
+          data: the batch dict of uda_tf.common (IMAGE, MASK; and ORI_IMAGE,
+            AUG_IMAGE, optionally ORI_VALID and AUG_TRANSFORM when
+            unsup_ratio > 0), this replica's part of it.
+
+        Returns:
+          dict of float32 scalars, global over replicas: sup/loss,
+          sup/tsa_threshold, sup/trained_ratio, [unsup/loss,
+          unsup/high_prob_ratio, [unsup/ent_min_loss]], total_loss, lr.
+        """
+        if not self.optimizer.built and not tf.distribute.has_strategy():
+            # Keras defers this to the trace without a strategy; XLA cannot
+            # lift the slots' creation out of it (jit_compile fails).
+            with tf.init_scope():
+                self.optimizer.build(self.network.trainable_variables)
+        step = self.optimizer.iterations
+        progress = tf.cast(step, tf.float32) / float(self.uda_config.train_steps)
+        images = self._forward_images(data)
+        variables = self.network.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.network(images, training=True)
+            shares, coeffs, logs = self._loss_terms(data, logits, progress)
+            shares["weight_decay"] = self._weight_decay_share()
+            coeffs["weight_decay"] = 1.0
+            loss = tf.add_n([coeffs[k] * shares[k] for k in shares])
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        learning_rate = tf.identity(self.optimizer.learning_rate)
+        global_terms = _global_values(shares)
+        logs.update({k: v for k, v in global_terms.items() if k != "weight_decay"})
+        logs["total_loss"] = tf.add_n([coeffs[k] * global_terms[k] for k in global_terms])
+        check = _assert_finite(step, logs)
+        with tf.control_dependencies([check] if check is not None else []):
+            self.optimizer.apply(gradients, variables)
+        self._update_ema()
+        logs["lr"] = tf.cast(learning_rate, tf.float32)
+        return logs
+
+    def test_step(self, data):
+        """Updates the confusion matrix on {IMAGE, MASK} with the EMA weights."""
+        if isinstance(data, (tuple, list)):
+            images, labels = data[0], data[1]
+        else:
+            images, labels = data[common.IMAGE], data[common.MASK]
+        logits = self(images, training=False)
+        self.iou_metric.update_state(labels, logits)
+        # The same keys as `metrics`: Keras then reads the result in a
+        # cross-replica context, where the replicas' counts are summed.
+        return {self.iou_metric.name: self.iou_metric.result()}
+
+    def distributed_train_step(self, data):
+        """`train_step` on every replica, for custom loops (call in tf.function).
+
+        Keras's fit does not run under MultiWorkerMirroredStrategy
+        (tensorflow/tensorflow#72388); a loop over
+        `strategy.experimental_distribute_dataset(...)` calls this instead.
+        Builds the optimizer's variables on first use.
+
+        Args:
+          data: a distributed batch (per-replica values of the batch dict).
+
+        Returns:
+          The logs of `train_step` as plain tensors.
+        """
+        strategy = self.distribute_strategy
+        if not self.optimizer.built:
+            with tf.init_scope(), strategy.scope():  # eagerly, even when traced
+                self.optimizer.build(self.network.trainable_variables)
+        per_replica = strategy.run(self.train_step, args=(data,))
+        # Every replica returns the same global values.
+        return {
+            k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+            for k, v in per_replica.items()
+        }
+
+    def _forward_images(self, data) -> tf.Tensor:
+        """float32 [B(1 + 2r), h, w, 3]: concat[labeled, ori, aug]."""
+        keys = [common.IMAGE]
+        if self.uda_config.unsup_ratio > 0:
+            keys += [common.ORI_IMAGE, common.AUG_IMAGE]
+        missing = [k for k in keys + [common.MASK] if k not in data]
+        if missing:
+            raise ValueError(
+                f"The training batch lacks {missing} (--unsup_ratio="
+                f"{self.uda_config.unsup_ratio}); it has {sorted(data)}."
+            )
+        return tf.concat([tf.cast(data[k], tf.float32) for k in keys], axis=0)
+
+    def _loss_terms(self, data, logits, progress):
+        """(this replica's loss shares, their coefficients, other logs)."""
+        cfg = self.uda_config
+        sup_size = tf.shape(data[common.IMAGE])[0]
+        sup = losses.supervised_loss(
+            logits=logits[:sup_size],
+            labels=data[common.MASK],
+            num_classes=cfg.num_classes,
+            ignore_label=cfg.ignore_label,
+            tsa=cfg.tsa,
+            progress=progress,
+            global_sum_fn=losses.replica_sum,
+        )
+        shares, coeffs = {"sup/loss": sup["loss"]}, {"sup/loss": 1.0}
+        logs = {"sup/tsa_threshold": sup["threshold"], "sup/trained_ratio": sup["trained_ratio"]}
+        if cfg.unsup_ratio == 0:
+            return shares, coeffs, logs
+        unsup_size = tf.shape(data[common.ORI_IMAGE])[0]
+        ori_logits = logits[sup_size : sup_size + unsup_size]
+        ori_valid = data.get(common.ORI_VALID)
+        cons = losses.consistency_loss(
+            ori_logits=ori_logits,
+            aug_logits=logits[sup_size + unsup_size :],
+            softmax_temp=cfg.uda_softmax_temp,
+            confidence_thresh=cfg.uda_confidence_thresh,
+            transforms=data.get(common.AUG_TRANSFORM),
+            ori_valid=ori_valid,
+            global_sum_fn=losses.replica_sum,
+        )
+        shares["unsup/loss"], coeffs["unsup/loss"] = cons["loss"], float(cfg.unsup_coeff)
+        logs["unsup/high_prob_ratio"] = cons["high_prob_ratio"]
+        if cfg.ent_min_coeff > 0:
+            ent = losses.entropy_loss(
+                logits=ori_logits, valid=ori_valid, global_sum_fn=losses.replica_sum
+            )
+            shares["unsup/ent_min_loss"] = ent["loss"]
+            coeffs["unsup/ent_min_loss"] = float(cfg.ent_min_coeff)
+        return shares, coeffs, logs
+
+    def _weight_decay_share(self) -> tf.Tensor:
+        """sum(network.losses) / replicas (the same on each; gradients are summed).
+
+        The network's losses, not the UdaModel's: those would also collect
+        stale `add_loss` values of the EMA network's last (eval) call.
+        """
+        network_losses = self.network.losses
+        if not network_losses:
+            return tf.constant(0.0)
+        ctx = tf.distribute.get_replica_context()
+        num_replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        total = tf.add_n([tf.cast(x, tf.float32) for x in network_losses])
+        return total / float(num_replicas)
+
+    def _update_ema(self) -> None:
+        """shadow -= (1 - decay) * (shadow - variable), after the step."""
+        if self._ema_network is None:
+            return
+        decay = self.moving_average_decay
+        for shadow, variable in _float_weight_pairs(self._ema_network, self.network):
+            shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(variable, shadow.dtype)))
+
+
+def _float_weight_pairs(ema_network: keras.Model, network: keras.Model) -> list:
+    """(shadow, variable) for every float weight, in the networks' order."""
+    shadows, variables = ema_network.weights, network.weights
+    if len(shadows) != len(variables) or any(
+        tuple(s.shape) != tuple(v.shape) for s, v in zip(shadows, variables)
+    ):
+        raise ValueError(
+            f"ema_network {ema_network.name!r} does not have the weights of network "
+            f"{network.name!r} ({len(shadows)} vs {len(variables)} weights)."
+        )
+    return [(s, v) for s, v in zip(shadows, variables) if "float" in str(v.dtype)]
+
+
+def _global_values(shares: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Sums each replica's share over replicas, in one all-reduce."""
+    keys = sorted(shares)
+    summed = losses.replica_sum(tf.stack([tf.cast(shares[k], tf.float32) for k in keys]))
+    return dict(zip(keys, tf.unstack(summed)))
+
+
+def _assert_finite(step, logs: dict[str, tf.Tensor]):
+    """Fails the step, naming it and every term, if a loss is NaN or Inf."""
+    names = [k for k in LOSS_LOG_KEYS if k in logs]
+    values = tf.stack([logs[k] for k in names])
+    data = ["Non-finite loss at step", step]
+    for name in names:
+        data += [name, logs[name]]
+    return tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(values)), data, summarize=16)
