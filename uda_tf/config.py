@@ -30,6 +30,9 @@ class DataConfig:
     # auto | folder | tfrecord | tfds | camvid | simple (see uda_tf/readers.py)
     data_source: str = "auto"
     sup_size: int = -1
+    # The original preprocess.py's flag: balance the labeled subset over
+    # groups (Cityscapes cities, CamVid sequences); see uda_tf/readers_base.py.
+    use_equal_split: bool = False
     unsup_ratio: int = 0
     # Add leftImg8bit_trainextra to the unlabeled pool (Cityscapes only).
     use_train_extra: bool = False
@@ -39,6 +42,9 @@ class DataConfig:
     eval_batch_size: int = 8
     eval_split: str = "val"
     dev_size: int = -1
+    # Resize every image (and mask, nearest) by this factor right after
+    # decoding, for training AND evaluation: a cheaper, lower-resolution task.
+    resize_factor: float = 1.0
     crop_height: int = 512
     crop_width: int = 1024
     min_scale: float = 0.5
@@ -61,6 +67,7 @@ class DataConfig:
         _check(self.unsup_ratio >= 0, "unsup_ratio", self.unsup_ratio, ">= 0")
         _check(self.train_batch_size > 0, "train_batch_size", self.train_batch_size, "> 0")
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "> 0")
+        _check(0 < self.resize_factor <= 4, "resize_factor", self.resize_factor, "in (0, 4]")
         _check(self.crop_height > 0, "crop_height", self.crop_height, "> 0")
         _check(self.crop_width > 0, "crop_width", self.crop_width, "> 0")
         _check(0 < self.min_scale, "min_scale", self.min_scale, "> 0")
@@ -89,6 +96,9 @@ class ModelConfig:
     backbone_weights: str | None = None
     unet_depth: int = 4
     unet_filters: int = 64
+    # Batch statistics averaged across replicas (keras BatchNormalization
+    # synchronized=True), for small per-replica batches.
+    synchronized_bn: bool = False
 
     def validate(self) -> None:
         _check(self.model_name in MODEL_NAMES, "model_name", self.model_name, str(MODEL_NAMES))
@@ -159,8 +169,24 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     verbose: bool = False
+    # Validation images shown in TensorBoard and written as colourised PNGs.
+    num_vis_images: int = 4
 
     def validate(self) -> None:
+        _check(
+            self.do_train or self.do_eval,
+            "do_train",
+            self.do_train,
+            "True, or --do_eval=True (otherwise there is nothing to do)",
+        )
+        _check(self.dev_size == -1 or self.dev_size > 0, "dev_size", self.dev_size, "-1 or > 0")
+        _check(self.num_vis_images >= 0, "num_vis_images", self.num_vis_images, ">= 0")
+        _check(
+            self.use_tpu == (self.strategy == "tpu"),
+            "use_tpu",
+            self.use_tpu,
+            f"the same choice as --strategy={self.strategy}",
+        )
         _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
         _check(self.iterations > 0, "iterations", self.iterations, "> 0")
         _check(self.save_steps > 0, "save_steps", self.save_steps, "> 0")
@@ -180,6 +206,12 @@ class TrainConfig:
             "< 1 (<= 0 disables the EMA)",
         )
         _check(self.strategy in STRATEGIES, "strategy", self.strategy, str(STRATEGIES))
+        _check(
+            not (self.jit_compile and self.strategy in ("mirrored", "multi_worker")),
+            "jit_compile",
+            self.jit_compile,
+            f"False with --strategy={self.strategy} (XLA: --strategy=default or tpu)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""Tests of uda_tf/evaluate.py, cross-checked with cityscapesscripts."""
+
+import glob
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from PIL import Image
+
+from uda_tf import cityscapes, common, data, evaluate, fake_cityscapes, readers_base
+from uda_tf import config as config_lib
+
+NUM_CLASSES = cityscapes.NUM_CLASSES
+
+
+def _random_network(seed: int) -> keras.Model:
+    """A fixed random convolution: predictions that vary with the pixels."""
+    return keras.Sequential(
+        [
+            keras.Input((None, None, 3)),
+            keras.layers.Rescaling(1 / 64.0, offset=-2.0),
+            keras.layers.Conv2D(
+                NUM_CLASSES,
+                3,
+                padding="same",
+                kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed),
+                bias_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed + 1),
+            ),
+        ]
+    )
+
+
+def _cityscapes_scores(pred_files: list[str], gt_files: list[str]) -> dict:
+    """cityscapesscripts' pixel-level evaluation of labelId PNGs."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+
+    args = cs_eval.args
+    args.evalInstLevelScore = False
+    args.evalPixelAccuracy = False
+    args.JSONOutput = False
+    args.quiet = True
+    # numpy >= 2.4 dropped np.in1d, which cityscapesscripts still calls.
+    shim = not hasattr(np, "in1d")
+    if shim:
+        np.in1d = np.isin
+    try:
+        return cs_eval.evaluateImgLists(pred_files, gt_files, args)
+    finally:
+        if shim:
+            del np.in1d
+
+
+class CityscapesScriptsTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp()
+        fake_cityscapes.generate(
+            cls.tmp, num_train=1, num_val=5, num_extra=0, height=64, width=128, seed=3
+        )
+        cls.data_cfg = config_lib.DataConfig(data_dir=cls.tmp, eval_batch_size=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_per_class_iou_equals_cityscapesscripts(self):
+        network = _random_network(seed=7)
+        dataset = data.eval_dataset(self.data_cfg, split="val")
+        confusion = evaluate.confusion_matrix(
+            network, dataset, num_classes=NUM_CLASSES, ignore_label=255
+        )
+        results = evaluate.results_from_confusion(confusion, cityscapes.CLASS_NAMES)
+
+        # The same predictions as labelId PNGs, for cityscapesscripts.
+        to_label_id = np.zeros([256], np.uint8)
+        for train_id, label_id in cityscapes.TRAIN_ID_TO_LABEL_ID.items():
+            to_label_id[train_id] = label_id
+        predict = evaluate.predict_fn(network)
+        gt_by_id = {
+            readers_base.example_id(f): f
+            for f in glob.glob(os.path.join(self.tmp, "gtFine", "val", "*", "*_labelIds.png"))
+        }
+        pred_files, gt_files = [], []
+        for batch in dataset:
+            predictions = predict(batch[common.IMAGE]).numpy()
+            for name, prediction in zip(batch[common.FILENAME].numpy(), predictions):
+                example = readers_base.example_id(name.decode())
+                path = os.path.join(self.tmp, f"{example}_pred.png")
+                Image.fromarray(to_label_id[prediction]).save(path)
+                pred_files.append(path)
+                gt_files.append(gt_by_id[example])
+        self.assertLen(pred_files, 5)
+        reference = _cityscapes_scores(pred_files, gt_files)
+
+        num_present = 0
+        for train_id, name in enumerate(cityscapes.CLASS_NAMES):
+            expected = reference["classScores"][
+                cityscapes_label_name(cityscapes.TRAIN_ID_TO_LABEL_ID[train_id])
+            ]
+            ours = results[f"iou/{name}"]
+            if np.isnan(expected):
+                self.assertTrue(np.isnan(ours), name)
+            else:
+                num_present += 1
+                self.assertAllClose(ours, expected, atol=1e-6, msg=name)
+        self.assertGreater(num_present, 5)
+        self.assertAllClose(results["mean_iou"], reference["averageScoreClasses"], atol=1e-6)
+
+
+def cityscapes_label_name(label_id: int) -> str:
+    from cityscapesscripts.helpers.labels import id2label
+
+    return id2label[label_id].name
+
+
+class ResultsTest(tf.test.TestCase, parameterized.TestCase):
+    # Rows: ground truth, columns: prediction. Class 2 never appears.
+    CONFUSION = np.array([[3, 1, 0], [2, 4, 0], [0, 0, 0]], np.float64)
+
+    def test_results_from_confusion(self):
+        results = evaluate.results_from_confusion(self.CONFUSION, ("a", "b", "c"))
+        self.assertAllClose(results["iou/a"], 3 / 6)  # TP 3, FP 2, FN 1.
+        self.assertAllClose(results["iou/b"], 4 / 7)  # TP 4, FP 1, FN 2.
+        self.assertTrue(np.isnan(results["iou/c"]))
+        self.assertAllClose(results["mean_iou"], (3 / 6 + 4 / 7) / 2)
+        self.assertAllClose(results["pixel_accuracy"], 7 / 10)
+
+    def test_class_names_must_match(self):
+        with self.assertRaisesRegex(ValueError, "2 class names for 3 classes"):
+            evaluate.results_from_confusion(self.CONFUSION, ("a", "b"))
+
+    def test_results_file_round_trip(self):
+        results = evaluate.results_from_confusion(self.CONFUSION, ("a", "b", "c"))
+        path = os.path.join(tempfile.mkdtemp(), "results.txt")
+        evaluate.write_results(path, results, global_step=12)
+        parsed = evaluate.parse_results(path)
+        self.assertEqual(parsed.pop("global_step"), 12)
+        self.assertEqual(list(parsed), list(results))
+        for key, value in results.items():
+            self.assertAllClose(parsed[key], value, atol=1e-6)
+
+    def test_table_names_every_class(self):
+        results = evaluate.results_from_confusion(self.CONFUSION, ("a", "b", "c"))
+        table = evaluate.format_table(results, ("a", "b", "c"))
+        self.assertRegex(table, r"(?m)^a +50\.00$")
+        self.assertRegex(table, r"(?m)^c +nan$")
+        self.assertRegex(table.splitlines()[-1], r"^mean IoU +53\.57$")
+
+    def test_colorize_uses_the_palette_and_blacks_out_ignore(self):
+        palette = ((10, 20, 30), (40, 50, 60))
+        colours = evaluate.colorize(np.array([[0, 1, 255]]), palette)
+        self.assertAllEqual(colours, [[[10, 20, 30], [40, 50, 60], [0, 0, 0]]])
+
+    def test_write_predictions_round_trips_class_ids(self):
+        network = _random_network(seed=1)
+        images = np.random.default_rng(0).integers(0, 256, [3, 8, 16, 3], dtype=np.uint8)
+        masks = np.full([3, 8, 16], 255, np.uint8)
+        dataset = tf.data.Dataset.from_tensor_slices(
+            {
+                common.IMAGE: images,
+                common.MASK: masks,
+                common.FILENAME: ["x/a_leftImg8bit.png", "x/b_leftImg8bit.png", "x/c.png"],
+            }
+        ).batch(2)
+        out = tempfile.mkdtemp()
+        palette = cityscapes.PALETTE
+        paths = evaluate.write_predictions(network, dataset, out, palette=palette, num_images=2)
+        self.assertEqual(
+            sorted(os.path.basename(p) for p in paths),
+            ["a_panel.png", "a_pred.png", "b_panel.png", "b_pred.png"],
+        )
+        expected = evaluate.predict_fn(network)(images).numpy()
+        pred = Image.open(os.path.join(out, "a_pred.png"))
+        self.assertEqual(pred.mode, "P")
+        self.assertAllEqual(np.array(pred), expected[0])
+        panel = np.array(Image.open(os.path.join(out, "b_panel.png")))
+        self.assertAllEqual(panel[:, :16], images[1])
+        self.assertAllEqual(panel[:, 16:32], evaluate.colorize(expected[1], palette))
+        self.assertAllEqual(panel[:, 32:], np.zeros([8, 16, 3]))
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,224 @@
+"""Keras callbacks of a training run: stop, checkpoint, TensorBoard, dev evaluation, CSV.
+
+One epoch is --save_steps steps; the callbacks act at the end of each
+execution (--iterations steps: logs) and of each epoch (checkpoint, images,
+evaluation along training). Steps are read from the optimizer, so that a
+resumed run logs at the true global step.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.framework import summary_pb2
+
+from uda_tf import common, data, evaluate, readers
+from uda_tf import config as config_lib
+from uda_tf.uda_model import TerminateOnNonFiniteLoss
+
+# The largest panel (input | prediction | ground truth) written to TensorBoard.
+MAX_PANEL_WIDTH = 1536
+
+
+def _metadata(plugin_name: str, data_class: int) -> bytes:
+    metadata = summary_pb2.SummaryMetadata(data_class=data_class)
+    metadata.plugin_data.plugin_name = plugin_name
+    return metadata.SerializeToString()
+
+
+# TensorBoard's scalar and image summary formats, written with core TF only
+# (tf.summary.write), so that logging does not need the tensorboard package.
+_SCALAR_METADATA = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+_IMAGE_METADATA = _metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+
+
+def write_scalar(name: str, value: float) -> None:
+    """A TensorBoard scalar at the default writer's step."""
+    tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+
+
+def write_images(name: str, images: np.ndarray) -> None:
+    """TensorBoard images (uint8 [n, H, W, 3]) at the default writer's step."""
+    height, width = images.shape[1:3]
+    encoded = [tf.io.encode_png(image) for image in images]
+    tensor = tf.stack([tf.as_string(width), tf.as_string(height)] + encoded)
+    tf.summary.write(name, tensor, metadata=_IMAGE_METADATA)
+
+
+def global_step(model: keras.Model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops training once the optimizer has done `train_steps` steps."""
+
+    def __init__(self, train_steps: int):
+        super().__init__()
+        self.train_steps = train_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if global_step(self.model) >= self.train_steps:
+            self.model.stop_training = True
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+    """Saves model_dir/ckpt-<step> at the end of every epoch (every --save_steps)."""
+
+    def __init__(self, manager: tf.train.CheckpointManager):
+        super().__init__()
+        self.manager = manager
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = global_step(self.model)
+        path = self.manager.save(checkpoint_number=step)
+        logging.info("Saved checkpoint %s", path)
+
+
+class ScalarSummaries(keras.callbacks.Callback):
+    """Writes every log key (losses, ratios, lr) to TensorBoard at the global step."""
+
+    def __init__(self, writer):
+        super().__init__()
+        self.writer = writer
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = global_step(self.model)
+        with self.writer.as_default(step=step):
+            for key, value in (logs or {}).items():
+                write_scalar(key, float(value))
+
+
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras's CSVLogger without the empty `val_*` columns it adds for fit's validation."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.keys is None:
+            self.keys = sorted(logs or {})
+        super().on_epoch_end(epoch, logs)
+
+
+def _resize_panels(panels: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, 3W, 3], shrunk so that 3W <= MAX_PANEL_WIDTH."""
+    height, width = panels.shape[1:3]
+    if width <= MAX_PANEL_WIDTH:
+        return panels
+    size = [max(1, height * MAX_PANEL_WIDTH // width), MAX_PANEL_WIDTH]
+    resized = tf.image.resize(panels, size, method="area")
+    return tf.cast(tf.round(resized), tf.uint8).numpy()
+
+
+class EvalSummaries(keras.callbacks.Callback):
+    """At each epoch end: prediction images and, with --dev_size, dev mIoU.
+
+    Uses the EMA network. The dev results go to TensorBoard (model_dir/eval,
+    `dev/mean_iou`, `dev/iou/<class>`) and into the epoch logs as
+    `dev/mean_iou` (CSV, History).
+    """
+
+    def __init__(self, cfg: config_lib.Config, writer, *, info, vis_batch, dev_dataset):
+        super().__init__()
+        self.cfg = cfg
+        self.writer = writer
+        self.info = info
+        self.vis_batch = vis_batch
+        self.dev_dataset = dev_dataset
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = global_step(self.model)
+        network = self.model.ema_network
+        with self.writer.as_default(step=step):
+            if self.vis_batch is not None:
+                predictions = evaluate.predict_fn(network)(self.vis_batch[common.IMAGE]).numpy()
+                panels = np.stack(
+                    [
+                        evaluate.panel(image, prediction, mask, self.info.palette)
+                        for image, prediction, mask in zip(
+                            self.vis_batch[common.IMAGE].numpy(),
+                            predictions,
+                            self.vis_batch[common.MASK].numpy(),
+                        )
+                    ]
+                )
+                write_images("input|prediction|ground_truth", _resize_panels(panels))
+            if self.dev_dataset is None:
+                return
+            confusion = evaluate.confusion_matrix(
+                network,
+                self.dev_dataset,
+                num_classes=self.cfg.data.num_classes,
+                ignore_label=self.cfg.data.ignore_label,
+            )
+            results = evaluate.results_from_confusion(confusion, self.info.class_names)
+            for key, value in results.items():
+                write_scalar(f"dev/{key}", value)
+        logging.info(
+            "Step %d, dev mIoU %.4f on %d images.",
+            step,
+            results["mean_iou"],
+            self.cfg.train.dev_size,
+        )
+        if logs is not None:
+            logs["dev/mean_iou"] = results["mean_iou"]
+
+
+def eval_input(
+    cfg: config_lib.Config,
+    num_images: int = -1,
+    *,
+    split: str | None = None,
+    batch_size: int | None = None,
+) -> tf.data.Dataset:
+    """Evaluation batches of a split: all of it, or its first `num_images`.
+
+    Args:
+      cfg: the run's config.
+      num_images: -1 for all.
+      split: default --eval_split; "dev" is --dev_size images held out of train.
+      batch_size: default --eval_batch_size.
+    """
+    dataset = data.eval_dataset(cfg.data, split=split or cfg.data.eval_split)
+    if num_images < 0 and batch_size is None:
+        return dataset
+    return dataset.unbatch().take(num_images).batch(batch_size or cfg.data.eval_batch_size)
+
+
+def training_callbacks(cfg: config_lib.Config, model, manager, *, chief: bool) -> list:
+    """The callbacks of a run, in order (non-chief workers write no files but checkpoints).
+
+    Args:
+      cfg: the run's config.
+      model: the UdaModel.
+      manager: its CheckpointManager (a temporary directory on non-chief workers).
+      chief: whether this process writes TensorBoard and CSV files.
+    """
+    train_cfg = cfg.train
+    model_dir = train_cfg.model_dir
+    if chief:
+        train_writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+        eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+    else:
+        train_writer = eval_writer = tf.summary.create_noop_writer()
+    vis_batch = None
+    if train_cfg.num_vis_images > 0:
+        num_vis = train_cfg.num_vis_images
+        vis_batch = next(iter(eval_input(cfg, num_vis, batch_size=num_vis)))
+    dev_dataset = eval_input(cfg, split="dev") if train_cfg.dev_size > 0 else None
+    callbacks = [
+        TerminateOnNonFiniteLoss(),
+        StopAtStep(train_cfg.train_steps),
+        CheckpointSaver(manager),
+        ScalarSummaries(train_writer),
+        EvalSummaries(
+            cfg,
+            eval_writer,
+            info=readers.dataset_info(cfg.data),
+            vis_batch=vis_batch,
+            dev_dataset=dev_dataset,
+        ),
+    ]
+    if chief:
+        path = os.path.join(model_dir, "training_log.csv")
+        callbacks.append(CSVLogger(path, append=True))
+    return callbacks

@@ -1,0 +1,194 @@
+"""Evaluation at full resolution: confusion matrix, per-class IoU, mIoU, pictures.
+
+The network (the EMA one, in training runs) sees each val image whole, at its
+own size; the confusion matrix counts the pixels whose label is not
+`ignore_label` (uda_tf.metrics.ConfusionMatrixIoU), as cityscapesscripts'
+pixel-level evaluation does on the 19 trainId classes.
+"""
+
+import os
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from uda_tf import common, metrics, readers_base
+
+# One tf.function per network, so that repeated evaluations do not retrace.
+_PREDICT_FNS = weakref.WeakKeyDictionary()
+
+
+def predict_fn(network: keras.Model):
+    """A tf.function: uint8/float images [b, H, W, 3] -> int32 class ids [b, H, W]."""
+    if network not in _PREDICT_FNS:
+
+        @tf.function(reduce_retracing=True)
+        def predict(images):
+            logits = network(tf.cast(images, tf.float32), training=False)  # [b, H, W, K]
+            return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+        _PREDICT_FNS[network] = predict
+    return _PREDICT_FNS[network]
+
+
+def confusion_matrix(
+    network: keras.Model, dataset: tf.data.Dataset, *, num_classes: int, ignore_label: int
+) -> np.ndarray:
+    """Counts (label, prediction) pairs over the valid pixels of a dataset.
+
+    Args:
+      network: images [b, H, W, 3] in [0, 255] -> logits [b, H, W, K].
+      dataset: batches {IMAGE: uint8 [b, H, W, 3], MASK: uint8 [b, H, W]}.
+      num_classes: K.
+      ignore_label: label of the pixels left out.
+
+    Returns:
+      float64 [K, K], rows = ground truth, columns = prediction.
+
+    Raises:
+      ValueError: if the dataset is empty.
+    """
+    metric = metrics.ConfusionMatrixIoU(num_classes, ignore_label=ignore_label)
+    predict = predict_fn(network)
+    num_images = 0
+    for batch in dataset:
+        metric.update_state(batch[common.MASK], predict(batch[common.IMAGE]))
+        num_images += int(batch[common.IMAGE].shape[0])
+    if num_images == 0:
+        raise ValueError("The evaluation dataset is empty.")
+    logging.info("Evaluated %d images.", num_images)
+    return np.asarray(metric.confusion.numpy(), np.float64)
+
+
+def results_from_confusion(confusion: np.ndarray, class_names) -> dict[str, float]:
+    """The log keys of an evaluation.
+
+    Args:
+      confusion: [K, K] counts (see `confusion_matrix`).
+      class_names: K names (snake_case).
+
+    Returns:
+      {"mean_iou", "pixel_accuracy", "iou/<class_name>" for each class}; the
+      IoU of a class absent from labels and predictions is NaN and left out of
+      the mean.
+    """
+    iou = metrics.iou_from_confusion(confusion)
+    if len(class_names) != len(iou):
+        raise ValueError(f"{len(class_names)} class names for {len(iou)} classes.")
+    total = float(np.sum(confusion))
+    results = {
+        "mean_iou": metrics.mean_iou_from_confusion(confusion),
+        "pixel_accuracy": float(np.trace(confusion)) / total if total else float("nan"),
+    }
+    results.update({f"iou/{name}": float(v) for name, v in zip(class_names, iou)})
+    return results
+
+
+def format_table(results: dict[str, float], class_names) -> str:
+    """A per-class IoU table (percent), mIoU last."""
+    width = max(len(n) for n in list(class_names) + ["mean IoU"])
+    lines = [f"{'class':<{width}}  IoU (%)"]
+    for name in class_names:
+        lines.append(f"{name:<{width}}  {100 * results[f'iou/{name}']:7.2f}")
+    lines.append(f"{'mean IoU':<{width}}  {100 * results['mean_iou']:7.2f}")
+    return "\n".join(lines)
+
+
+def write_results(path: str, results: dict[str, float], *, global_step: int) -> None:
+    """Writes results.txt: `key = value` lines, as the original's results file.
+
+    Args:
+      path: the file (model_dir/results.txt).
+      results: see `results_from_confusion`.
+      global_step: the step of the evaluated weights.
+    """
+    lines = [f"global_step = {global_step}"]
+    lines += [f"{key} = {value:.6f}" for key, value in results.items()]
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def parse_results(path: str) -> dict[str, float]:
+    """Reads a results.txt written by `write_results`."""
+    results = {}
+    with tf.io.gfile.GFile(path) as f:
+        for line in f:
+            if line.strip():
+                key, value = line.split(" = ")
+                results[key] = float(value)
+    return results
+
+
+def colorize(labels: np.ndarray, palette) -> np.ndarray:
+    """uint8 [H, W, 3]: each class id in its palette colour, others black.
+
+    Args:
+      labels: int [H, W] class ids (ignore and unknown values become black).
+      palette: K (r, g, b) triples.
+    """
+    table = np.zeros([256, 3], np.uint8)
+    table[: len(palette)] = np.asarray(palette, np.uint8)
+    return table[np.clip(labels, 0, 255).astype(np.uint8)]
+
+
+def panel(image: np.ndarray, prediction: np.ndarray, mask: np.ndarray, palette) -> np.ndarray:
+    """uint8 [H, 3W, 3]: input | prediction | ground truth, side by side."""
+    return np.concatenate(
+        [np.asarray(image, np.uint8), colorize(prediction, palette), colorize(mask, palette)],
+        axis=1,
+    )
+
+
+def _stem(filename) -> str:
+    name = filename.decode() if isinstance(filename, bytes) else str(filename)
+    return readers_base.example_id(name) or "image"
+
+
+def write_predictions(
+    network: keras.Model,
+    dataset: tf.data.Dataset,
+    output_dir: str,
+    *,
+    palette,
+    num_images: int,
+) -> list[str]:
+    """Writes colourised predictions of the first images of a dataset.
+
+    For each image, `<name>_pred.png` (a palette PNG whose pixel values are
+    the class ids) and `<name>_panel.png` (input | prediction | ground truth).
+
+    Args:
+      network: images -> logits (the EMA network).
+      dataset: batches {IMAGE, MASK, FILENAME}.
+      output_dir: created if needed.
+      palette: K (r, g, b) triples.
+      num_images: how many images.
+
+    Returns:
+      The paths written.
+    """
+    tf.io.gfile.makedirs(output_dir)
+    flat_palette = np.zeros([256, 3], np.uint8)
+    flat_palette[: len(palette)] = np.asarray(palette, np.uint8)
+    predict = predict_fn(network)
+    paths = []
+    for batch in dataset:
+        predictions = predict(batch[common.IMAGE]).numpy()
+        for i, prediction in enumerate(predictions):
+            if len(paths) >= 2 * num_images:
+                return paths
+            stem = _stem(batch[common.FILENAME][i].numpy())
+            indexed = Image.fromarray(prediction.astype(np.uint8), mode="P")
+            indexed.putpalette(flat_palette.reshape(-1).tolist())
+            picture = panel(
+                batch[common.IMAGE][i].numpy(), prediction, batch[common.MASK][i].numpy(), palette
+            )
+            for suffix, pil in (("pred", indexed), ("panel", Image.fromarray(picture))):
+                path = os.path.join(output_dir, f"{stem}_{suffix}.png")
+                with tf.io.gfile.GFile(path, "wb") as f:
+                    pil.save(f, format="PNG")
+                paths.append(path)
+    return paths

@@ -1,0 +1,343 @@
+"""The training driver: strategy, model, checkpoints, and the loop.
+
+One `UdaModel.train_step` serves two loops:
+- one replica (`--strategy=default`): Keras `fit`, `steps_per_execution` =
+  --iterations, one epoch = --save_steps steps;
+- several replicas (mirrored, multi_worker, tpu): a custom loop that runs the
+  train step through `strategy.run` inside a tf.function. Keras 3.15's fit
+  fails under MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388), and
+  under MirroredStrategy with steps_per_execution > 1 it stops with the
+  "must feed a value for placeholder" error of keras-team/keras#19246.
+Both call the same Keras callbacks (progress bar, checkpoints, TensorBoard,
+CSV), so a run looks the same either way.
+
+Checkpoints (`tf.train.CheckpointManager`, model_dir/ckpt-<step>) hold the
+UdaModel (network, EMA network), the optimizer (its step counts the steps
+done) and, under the key `ema_network`, the network that evaluation and
+export use. Restarting the same command resumes from the latest one.
+"""
+
+import json
+import math
+import os
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from uda_tf import config as config_lib
+from uda_tf import data, models, schedules
+from uda_tf.callbacks import training_callbacks
+from uda_tf.uda_model import UdaModel
+
+FLAGS_FILE = "FLAGS.json"
+CHECKPOINT_NAME = "ckpt"
+
+
+def create_strategy(cfg: config_lib.TrainConfig) -> tf.distribute.Strategy:
+    """The tf.distribute strategy of --strategy (--use_tpu means tpu)."""
+    if cfg.strategy == "default":
+        return tf.distribute.get_strategy()
+    if cfg.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if cfg.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=cfg.tpu or cfg.master, zone=cfg.tpu_zone, project=cfg.gcp_project
+    )
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files: all but the non-chief workers do."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0)
+
+
+def check_replicas(cfg: config_lib.Config, strategy: tf.distribute.Strategy) -> None:
+    """Raises ValueError unless the global batch splits evenly over the replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if cfg.data.train_batch_size % replicas:
+        raise ValueError(
+            f"--train_batch_size={cfg.data.train_batch_size} is invalid: the global labeled "
+            f"batch must be divisible by the {replicas} replicas of --strategy="
+            f"{cfg.train.strategy}."
+        )
+
+
+def write_config(cfg: config_lib.Config, model_dir: str) -> str:
+    """Writes model_dir/FLAGS.json; raises ValueError if model_dir is not writable."""
+    path = os.path.join(model_dir, FLAGS_FILE)
+    try:
+        tf.io.gfile.makedirs(model_dir)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    except (OSError, tf.errors.OpError) as error:
+        raise ValueError(f"--model_dir={model_dir} is not writable: {error}") from error
+    return path
+
+
+def read_config(model_dir: str) -> config_lib.Config:
+    """The Config of a run, from model_dir/FLAGS.json."""
+    path = os.path.join(model_dir, FLAGS_FILE)
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"--model_dir={model_dir} has no {FLAGS_FILE}: it is not a uda_tf run.")
+    with tf.io.gfile.GFile(path) as f:
+        return config_lib.Config.from_dict(json.load(f))
+
+
+def latest_checkpoint(model_dir: str) -> str:
+    """The latest checkpoint path; ValueError naming model_dir if there is none."""
+    path = tf.train.latest_checkpoint(model_dir)
+    if path is None:
+        raise ValueError(f"--model_dir={model_dir} holds no checkpoint (train first).")
+    return path
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step of a checkpoint written here (model_dir/ckpt-<step>)."""
+    return int(path.rsplit("-", 1)[-1])
+
+
+def build_uda_model(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
+    """Builds the network, the UdaModel and its (built) optimizer in the strategy's scope.
+
+    Returns:
+      (model, optimizer); the optimizer is a LossScaleOptimizer under the
+      mixed_float16 policy.
+    """
+    synchronized = cfg.model.synchronized_bn and strategy.num_replicas_in_sync > 1
+    with strategy.scope():
+        network = models.build_model_from_config(cfg.model, synchronized_bn=synchronized)
+        model = UdaModel(
+            network,
+            uda=cfg.uda,
+            moving_average_decay=cfg.train.moving_average_decay,
+            weight_decay_rate=cfg.train.weight_decay_rate,
+        )
+        optimizer = schedules.build_optimizer(
+            learning_rate=cfg.train.learning_rate,
+            train_steps=cfg.train.train_steps,
+            warmup_steps=cfg.train.warmup_steps,
+        )
+        if keras.mixed_precision.global_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(network.trainable_variables)
+    if cfg.train.verbose:
+        for variable in network.weights:
+            logging.info("%s %s %s", variable.path, variable.shape, variable.dtype)
+    logging.info(
+        "%s: %d parameters, %d replicas.",
+        network.name,
+        network.count_params(),
+        strategy.num_replicas_in_sync,
+    )
+    return model, optimizer
+
+
+def checkpoint_manager(model, optimizer, directory: str, max_save: int):
+    """A CheckpointManager of the model, its optimizer and the EMA network."""
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, ema_network=model.ema_network
+    )
+    return tf.train.CheckpointManager(
+        checkpoint, directory, max_to_keep=max_save, checkpoint_name=CHECKPOINT_NAME
+    )
+
+
+def load_inference_model(model_dir: str) -> keras.Model:
+    """The network with the EMA weights of the latest checkpoint of a run.
+
+    Args:
+      model_dir: a training directory (FLAGS.json and checkpoints).
+
+    Returns:
+      A keras.Model: float32 images [N, H, W, 3] in [0, 255] -> float32
+      logits [N, H, W, K], built from FLAGS.json (plain batch norm, no
+      backbone weights file needed).
+
+    Raises:
+      ValueError: naming model_dir if it has no FLAGS.json or no checkpoint.
+    """
+    cfg = read_config(model_dir)
+    path = latest_checkpoint(model_dir)
+    network = models.build_model_from_config(
+        cfg.model, synchronized_bn=False, backbone_weights=None
+    )
+    status = tf.train.Checkpoint(ema_network=network).restore(path)
+    status.expect_partial().assert_existing_objects_matched()
+    logging.info("Loaded the EMA network of %s (step %d).", path, checkpoint_step(path))
+    return network
+
+
+def _replica_batches(batch: dict, ctx: tf.distribute.InputContext) -> dict:
+    """This input pipeline's replica parts of a global batch: [k, ...] per key.
+
+    Every key is cut along its batch dimension into num_replicas_in_sync equal
+    parts (labeled B/n, unlabeled rB/n); replica i gets part i, so that n
+    replicas see exactly the global batch one replica would.
+    """
+    n = ctx.num_replicas_in_sync
+    k = n // ctx.num_input_pipelines
+    first = ctx.input_pipeline_id * k
+    parts = {}
+    for key, value in batch.items():
+        shape = value.shape[1:].as_list()
+        if None in shape:
+            new_shape = tf.concat([[n, -1], tf.shape(value)[1:]], axis=0)
+        else:
+            new_shape = [n, -1] + shape
+        parts[key] = tf.reshape(value, new_shape)[first : first + k]
+    return parts
+
+
+def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
+    """The training batches: a tf.data.Dataset, or a distributed one for several replicas.
+
+    With several replicas every input pipeline builds the same global-batch
+    stream (stateless per-example seeds) and keeps its replicas' parts.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return data.train_dataset(cfg.data)
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = data.train_dataset(cfg.data)
+        dataset = dataset.map(lambda b: _replica_batches(b, ctx)).unbatch()
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _custom_loop(
+    model,
+    dataset,
+    *,
+    callbacks,
+    steps_per_execution,
+    epochs,
+    initial_epoch,
+    steps_per_epoch,
+    verbose,
+) -> None:
+    """`fit` for several replicas: `strategy.run(train_step)` in a tf.function."""
+    iterator = iter(dataset)
+
+    @tf.function
+    def train_function(iterator):
+        if steps_per_execution > 1:
+            for _ in tf.range(steps_per_execution - 1):
+                model.distributed_train_step(next(iterator))
+        return model.distributed_train_step(next(iterator))
+
+    callback_list = keras.callbacks.CallbackList(
+        callbacks,
+        add_history=True,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+        model=model,
+    )
+    model.stop_training = False
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        callback_list.on_epoch_begin(epoch)
+        logs = {}
+        for begin in range(0, steps_per_epoch, steps_per_execution):
+            callback_list.on_train_batch_begin(begin)
+            logs = {k: float(v) for k, v in train_function(iterator).items()}
+            callback_list.on_train_batch_end(begin + steps_per_execution - 1, logs)
+            if model.stop_training:
+                break
+        callback_list.on_epoch_end(epoch, dict(logs))
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
+
+
+def train(
+    cfg: config_lib.Config, strategy: tf.distribute.Strategy, model, optimizer, *, verbose: int = 2
+) -> None:
+    """Trains from the latest checkpoint (if any) to --train_steps.
+
+    Args:
+      cfg: the run's config.
+      strategy: the strategy the model was built under.
+      model, optimizer: from `build_uda_model`.
+      verbose: Keras progress-bar verbosity (1 = bar, 2 = a line per epoch).
+    """
+    chief = is_chief(strategy)
+    # Non-chief workers take part in saving (collectively) into a scratch directory.
+    directory = cfg.train.model_dir if chief else tempfile.mkdtemp(prefix="uda_worker_ckpt_")
+    try:
+        _train(cfg, strategy, model, optimizer, directory, chief=chief, verbose=verbose)
+    finally:
+        if not chief:
+            tf.io.gfile.rmtree(directory)
+
+
+def _train(cfg, strategy, model, optimizer, directory: str, *, chief: bool, verbose: int) -> None:
+    train_cfg = cfg.train
+    manager = checkpoint_manager(model, optimizer, directory, train_cfg.max_save)
+    restore_path = tf.train.latest_checkpoint(train_cfg.model_dir)
+    if restore_path:
+        try:
+            with strategy.scope():
+                manager.checkpoint.restore(restore_path).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ValueError(
+                f"--model_dir={train_cfg.model_dir}: {restore_path} does not fit this run's "
+                f"model and optimizer; resume with the same model flags or use another "
+                f"--model_dir. ({error})"
+            ) from error
+    start = int(optimizer.iterations.numpy())
+    remaining = train_cfg.train_steps - start
+    if restore_path:
+        logging.info("Restored %s: step %d, %d steps to go.", restore_path, start, remaining)
+    if remaining <= 0:
+        logging.info("Step %d >= --train_steps=%d: nothing to train.", start, train_cfg.train_steps)
+        return
+    steps_per_epoch = train_cfg.save_steps
+    steps_per_execution = math.gcd(train_cfg.iterations, steps_per_epoch, remaining)
+    if steps_per_execution != train_cfg.iterations:
+        logging.info(
+            "Running %d steps per execution: --iterations=%d does not divide --save_steps=%d "
+            "and the %d remaining steps.",
+            steps_per_execution,
+            train_cfg.iterations,
+            steps_per_epoch,
+            remaining,
+        )
+    initial_epoch = start // steps_per_epoch
+    epochs = initial_epoch + math.ceil(remaining / steps_per_epoch)
+    model.compile(
+        optimizer=optimizer,
+        steps_per_execution=steps_per_execution,
+        jit_compile=train_cfg.jit_compile,
+    )
+    callbacks = training_callbacks(cfg, model, manager, chief=chief)
+    dataset = train_input(cfg, strategy)
+    verbose = verbose if chief else 0
+    loop_args = {
+        "epochs": epochs,
+        "initial_epoch": initial_epoch,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    if strategy.num_replicas_in_sync == 1:
+        model.fit(dataset, callbacks=callbacks, verbose=verbose, shuffle=False, **loop_args)
+    else:
+        _custom_loop(
+            model,
+            dataset,
+            callbacks=callbacks,
+            verbose=verbose,
+            steps_per_execution=steps_per_execution,
+            **loop_args,
+        )
