@@ -176,7 +176,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(out[export.CLASSES][1], self._serve(self.images[:1])["classes"][0])
 
     def test_rest_request_body(self):
-        # The body of docs/deploy.md's REST example, decoded as TF Serving does:
+        # The body of the README's REST example, decoded as TF Serving does:
         # a {"b64": ...} object becomes the bytes of one element of a string tensor.
         body = json.dumps(
             {

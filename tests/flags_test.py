@@ -207,8 +207,8 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, f"--{flag}="):
             _config(*argv)
 
-    def test_docs_name_every_flag(self):
-        docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "flags.md")
+    def test_readme_names_every_flag(self):
+        docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
         with open(docs) as f:
             text = f.read()
         for name in uda_flags.flag_names():
