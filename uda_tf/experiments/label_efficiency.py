@@ -1,0 +1,326 @@
+"""Label efficiency: mIoU against the labeled fraction, supervised vs UDA.
+
+    python -m uda_tf.experiments.label_efficiency --task_name=camvid \
+        --data_dir=../shared/data/camvid_240x180 --fractions=1/16,1/8,1/4,1 \
+        --seeds=3 --methods=supervised,uda --output_dir=runs/label_efficiency
+
+Every configuration trains from scratch through `python -m uda_tf.main` with the
+same model, crop, steps and schedule; the methods differ only in the unlabeled
+loss (`--unsup_ratio=0` for supervised). A seed picks the labeled subset and
+the initialisation, and both methods see the same subset for the same seed.
+Each run's model_dir holds its results.txt; a run whose results.txt exists is
+not repeated, so the command resumes where it stopped. The output folder gets
+`runs.csv` (every run), `summary.md` (mean ± std per fraction and method) and
+`label_efficiency.png` (mIoU vs labeled fraction, error bars = std).
+
+Presets (`--preset`): `cpu` finishes the 1/8 comparison (2 methods x 3 seeds)
+within about an hour on 2 cores; `gpu` is the full-size recipe. Flags given
+after `--` go to every `uda_tf.main` call and override the preset.
+"""
+
+import csv
+import dataclasses
+import fractions as fractions_lib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from uda_tf import evaluate
+
+# Every preset trains the same way for both methods: only unsup_ratio differs.
+PRESETS = {
+    "cpu": {
+        "model_name": "unet",
+        "unet_depth": 3,
+        "unet_filters": 16,
+        "resize_factor": 0.5,
+        "crop_height": 80,
+        "crop_width": 112,
+        "min_scale": 0.75,
+        "max_scale": 1.25,
+        "train_batch_size": 4,
+        "train_steps": 2400,
+        "learning_rate": 0.05,
+        "warmup_steps": 100,
+        "weight_decay_rate": 5e-4,
+        "moving_average_decay": 0.995,
+        "eval_batch_size": 8,
+        "save_steps": 600,
+        "iterations": 50,
+        "num_vis_images": 0,
+    },
+    "gpu": {
+        "model_name": "deeplabv3plus",
+        "backbone": "resnet50",
+        "output_stride": 16,
+        "crop_height": 360,
+        "crop_width": 480,
+        "min_scale": 0.5,
+        "max_scale": 2.0,
+        "train_batch_size": 16,
+        "train_steps": 20000,
+        "learning_rate": 0.03,
+        "moving_average_decay": 0.9999,
+        "save_steps": 2000,
+        "iterations": 200,
+    },
+}
+# UDA's own knobs (the original's GPU script), used by the `uda` method.
+UDA_FLAGS = {
+    "unsup_ratio": 2,
+    "uda_confidence_thresh": 0.8,
+    "uda_softmax_temp": 0.4,
+    "unsup_coeff": 1.0,
+}
+NUM_TRAIN = {"camvid": 367, "cityscapes": 2975}
+METHODS = ("supervised", "uda")
+CSV_FIELDS = (
+    "fraction",
+    "sup_size",
+    "method",
+    "seed",
+    "mean_iou",
+    "pixel_accuracy",
+    "wall_s",
+    "model_dir",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One configuration of the experiment."""
+
+    fraction: str
+    sup_size: int
+    method: str
+    seed: int
+    model_dir: str
+
+
+def parse_fractions(text: str) -> list[str]:
+    """'1/16,1/8,1' -> ['1/16', '1/8', '1'], each checked to lie in (0, 1]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = fractions_lib.Fraction(item)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--fractions: {item!r} is not a fraction like 1/8.") from None
+        if not 0 < value <= 1:
+            raise ValueError(f"--fractions: {item!r} is not in (0, 1].")
+        out.append(item)
+    return out
+
+
+def sup_size_for(fraction: str, num_train: int) -> int:
+    """The labeled-set size of a fraction; -1 (all) for 1."""
+    value = fractions_lib.Fraction(fraction)
+    if value == 1:
+        return -1
+    return max(1, round(float(value) * num_train))
+
+
+def plan_runs(*, output_dir, fraction_list, num_seeds, methods, num_train) -> list[Run]:
+    """Every (fraction, seed, method) of the experiment, in the order they run."""
+    runs = []
+    for fraction in fraction_list:
+        sup_size = sup_size_for(fraction, num_train)
+        for seed in range(num_seeds):
+            for method in methods:
+                name = f"frac{fraction.replace('/', 'of')}_{method}_seed{seed}"
+                runs.append(Run(fraction, sup_size, method, seed, os.path.join(output_dir, name)))
+    return runs
+
+
+def run_flags(run: Run, *, task_name, data_dir, preset, extra) -> list[str]:
+    """The uda_tf.main command line of one run."""
+    values = dict(PRESETS[preset])
+    values.update(
+        task_name=task_name,
+        data_dir=data_dir,
+        model_dir=run.model_dir,
+        sup_size=run.sup_size,
+        seed=run.seed,
+        do_train=True,
+        do_eval=True,
+    )
+    if run.method == "uda":
+        values.update(UDA_FLAGS)
+    else:
+        values["unsup_ratio"] = 0
+    args = [f"--{key}={value}" for key, value in values.items()]
+    return args + list(extra)
+
+
+def execute(run: Run, args: list[str]) -> dict:
+    """Trains and evaluates one run in a subprocess unless its results exist."""
+    results_path = os.path.join(run.model_dir, "results.txt")
+    timing_path = os.path.join(run.model_dir, "wall_seconds.txt")
+    if not os.path.exists(results_path):
+        os.makedirs(run.model_dir, exist_ok=True)
+        logging.info("Running %s", run.model_dir)
+        start = time.time()
+        log_path = os.path.join(run.model_dir, "train.log")
+        with open(log_path, "a", encoding="utf-8") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "uda_tf.main", *args],
+                check=False,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"Run {run.model_dir} failed with exit code {proc.returncode}; see {log_path}."
+            )
+        with open(timing_path, "w", encoding="utf-8") as f:
+            f.write(f"{time.time() - start:.1f}\n")
+    else:
+        logging.info("Skipping %s: results.txt exists", run.model_dir)
+    results = evaluate.parse_results(results_path)
+    wall = float("nan")
+    if os.path.exists(timing_path):
+        with open(timing_path, encoding="utf-8") as f:
+            wall = float(f.read())
+    return {
+        "fraction": run.fraction,
+        "sup_size": run.sup_size,
+        "method": run.method,
+        "seed": run.seed,
+        "mean_iou": results["mean_iou"],
+        "pixel_accuracy": results.get("pixel_accuracy", float("nan")),
+        "wall_s": wall,
+        "model_dir": run.model_dir,
+    }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std of mIoU (in points) per (fraction, method), in run order."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["fraction"], row["method"]), []).append(100 * row["mean_iou"])
+    out = []
+    for (fraction, method), values in groups.items():
+        values_np = np.asarray(values)
+        std = float(values_np.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(
+            {
+                "fraction": fraction,
+                "method": method,
+                "n": len(values),
+                "mean": float(values_np.mean()),
+                "std": std,
+                "values": values,
+            }
+        )
+    return out
+
+
+def markdown_table(summary: list[dict], total_wall_s: float) -> str:
+    """The summary as a markdown table, every run's mIoU listed."""
+    lines = [
+        "| labeled fraction | method | runs | mIoU mean ± std | every run |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summary:
+        every = ", ".join(f"{v:.1f}" for v in s["values"])
+        lines.append(
+            f"| {s['fraction']} | {s['method']} | {s['n']} | "
+            f"{s['mean']:.1f} ± {s['std']:.1f} | {every} |"
+        )
+    lines.append("")
+    lines.append(f"Total training wall time: {total_wall_s / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: str, title: str) -> None:
+    """mIoU vs labeled fraction, one line per method, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        points = sorted(
+            (float(fractions_lib.Fraction(s["fraction"])), s["mean"], s["std"])
+            for s in summary
+            if s["method"] == method
+        )
+        x, y, e = zip(*points)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=4, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labeled fraction of the train set")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], output_dir: str, title: str) -> None:
+    """runs.csv, summary.md and label_efficiency.png in output_dir."""
+    with open(os.path.join(output_dir, "runs.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(rows)
+    total = float(np.nansum([row["wall_s"] for row in rows]))
+    with open(os.path.join(output_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(summary, total))
+    plot(summary, os.path.join(output_dir, "label_efficiency.png"), title)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("task_name", "camvid", "Dataset: camvid, cityscapes or custom.")
+    flags.DEFINE_string("data_dir", None, "The dataset root.")
+    flags.DEFINE_string("fractions", "1/16,1/8,1/4,1", "Labeled fractions, comma separated.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0..seeds-1).")
+    flags.DEFINE_list("methods", list(METHODS), "supervised and/or uda.")
+    flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model, crop and schedule preset.")
+    flags.DEFINE_string("output_dir", "runs/label_efficiency", "Where runs and reports go.")
+    flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
+
+
+def main(argv: list[str]) -> None:
+    cfg = flags.FLAGS
+    if not cfg.data_dir:
+        raise app.UsageError("--data_dir is required.")
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
+    if cfg.seeds < 1:
+        raise app.UsageError(f"--seeds={cfg.seeds}: expected >= 1.")
+    num_train = cfg.num_train or NUM_TRAIN.get(cfg.task_name)
+    if not num_train:
+        raise app.UsageError(f"--num_train is required for --task_name={cfg.task_name}.")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    runs = plan_runs(
+        output_dir=cfg.output_dir,
+        fraction_list=parse_fractions(cfg.fractions),
+        num_seeds=cfg.seeds,
+        methods=cfg.methods,
+        num_train=num_train,
+    )
+    extra = argv[1:]
+    rows = []
+    for run in runs:
+        args = run_flags(
+            run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
+        )
+        rows.append(execute(run, args))
+        write_outputs(rows, cfg.output_dir, f"{cfg.task_name}, preset {cfg.preset}")
+    with open(os.path.join(cfg.output_dir, "summary.md"), encoding="utf-8") as f:
+        print(f.read())
+    print(f"CSV: {os.path.join(cfg.output_dir, 'runs.csv')}")
+    print(f"Plot: {os.path.join(cfg.output_dir, 'label_efficiency.png')}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
