@@ -16,9 +16,12 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from uda_tf import config as config_lib
+
 GlobalSumFn = Callable[[tf.Tensor], tf.Tensor]
 
-TSA_SCHEDULES = ("linear_schedule", "log_schedule", "exp_schedule")
+# The schedules of config.TSA_SCHEDULES ("" = off is handled by the callers).
+TSA_SCHEDULES = tuple(s for s in config_lib.TSA_SCHEDULES if s)
 INTERPOLATIONS = ("nearest", "bilinear")
 
 
