@@ -25,8 +25,9 @@ for arg in "$@"; do
 done
 
 if [ -z "${data_dir}" ]; then
-  # The demo: 32 train images of 128x256 (8 of them labeled), 8 val, 32 extra;
-  # the unlabeled pool is the 32 train and the 32 extra images.
+  # The demo: 32 train images of 128x256 (8 of them labeled, 8 others held
+  # out as the dev split, evaluated at step 0 and every 100 steps), 8 val,
+  # 32 extra; the unlabeled pool is the 32 train and the 32 extra images.
   model_name=unet
   demo_data=data/fake_cityscapes
   model_dir=${model_dir:-ckpt/${task_name}_${model_name}_demo}
@@ -54,6 +55,7 @@ if [ -z "${data_dir}" ]; then
     --unet_depth=3 \
     --unet_filters=16 \
     --sup_size=8 \
+    --dev_size=8 \
     --use_train_extra=True \
     --unsup_ratio=1 \
     --uda_confidence_thresh=0.5 \
@@ -79,6 +81,7 @@ if [ -z "${data_dir}" ]; then
   echo "Demo done. Outputs:"
   echo "  generated data:          ${demo_data}"
   echo "  FLAGS.json, checkpoints: ${model_dir}"
+  echo "  dev mIoU along training: ${model_dir}/dev_results.txt (step mIoU: $(awk '{printf "%s%d %.3f", (NR>1 ? ", " : ""), $1, $2}' ${model_dir}/dev_results.txt); chance is about 0.05)"
   echo "  mIoU, per-class IoU:     ${model_dir}/results.txt ($(grep mean_iou ${model_dir}/results.txt))"
   echo "  training log (CSV):      ${model_dir}/training_log.csv"
   echo "  TensorBoard:             tensorboard --logdir=${model_dir}"

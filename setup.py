@@ -1,15 +1,16 @@
 """Installs uda_tf: UDA consistency training for semantic segmentation."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
     name="uda_tf",
     version="0.1.0",
     description=(
-        "Unsupervised Data Augmentation (UDA) for semantic segmentation "
-        "in TensorFlow 2 / Keras 3"
+        "Unsupervised Data Augmentation (UDA) for semantic segmentation in TensorFlow 2 / Keras 3"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=setuptools.find_packages(

@@ -116,8 +116,9 @@ def _define_original(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "dev_size",
         -1,
-        "If not -1: evaluate along training, every --save_steps, on the first dev_size "
-        "val images (forces --do_train and --do_eval).",
+        "If not -1: hold dev_size labeled train images out of the labeled subset and "
+        "evaluate on them along training, when it begins and every --save_steps "
+        "(forces --do_train and --do_eval).",
         flag_values=fv,
     )
     flags.DEFINE_bool("verbose", False, "Log the variable list.", flag_values=fv)

@@ -48,8 +48,13 @@ ENTROPY_ORI = 0.832396  # entropy of softmax([2, 1, 0]) in nats.
 # LR schedule: lr 0.03, 500k steps, no warmup. (step, lr).
 LR_PEAK = 0.03
 LR_TRAIN_STEPS = 500000
-LR_VALUES = ((0, 0.030000), (125000, 0.028246), (250000, 0.023190), (375000, 0.015423),
-             (500000, 0.005853))
+LR_VALUES = (
+    (0, 0.030000),
+    (125000, 0.028246),
+    (250000, 0.023190),
+    (375000, 0.015423),
+    (500000, 0.005853),
+)
 
 # TSA masking at t = 0 (eta = 1/3): mask [0, 1, 0]. ORIGINAL_UDA.md §3.7.
 TSA_LOSS_AT_ZERO = 1.294377

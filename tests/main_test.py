@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -171,7 +172,8 @@ class TinyRunTest(tf.test.TestCase):
     def test_evaluation_along_training_on_the_dev_split(self):
         rows = _read_csv(os.path.join(self.model_dir, "training_log.csv"))
         eval_events = _events(os.path.join(self.model_dir, "eval"))
-        self.assertEqual(sorted(eval_events["dev/mean_iou"]), [3, 6])
+        # Step 0 (training begins), then every --save_steps.
+        self.assertEqual(sorted(eval_events["dev/mean_iou"]), [0, 3, 6])
         self.assertIn("dev/iou/road", eval_events)
         self.assertAllClose(float(rows[1]["dev/mean_iou"]), eval_events["dev/mean_iou"][6][1])
         # The dev split (2 train images held out of the labeled subset), with the final EMA.
@@ -181,6 +183,27 @@ class TinyRunTest(tf.test.TestCase):
         )
         results = evaluate.results_from_confusion(confusion, cityscapes.CLASS_NAMES)
         self.assertAllClose(float(rows[1]["dev/mean_iou"]), results["mean_iou"], atol=1e-6)
+
+    def test_dev_evaluation_at_step_0_is_the_untrained_network(self):
+        # The same seed builds the same initial weights: the step-0 dev mIoU is theirs.
+        keras.utils.set_random_seed(self.cfg.train.seed)
+        model, _ = train.build_uda_model(self.cfg, tf.distribute.get_strategy())
+        confusion = evaluate.confusion_matrix(
+            model.ema_network,
+            eval_input(self.cfg, split="dev"),
+            num_classes=19,
+            ignore_label=255,
+        )
+        untrained = evaluate.results_from_confusion(confusion, cityscapes.CLASS_NAMES)
+        logged = _events(os.path.join(self.model_dir, "eval"))["dev/mean_iou"]
+        self.assertAllClose(logged[0][1], untrained["mean_iou"], atol=1e-6)
+        self.assertNotAllClose(logged[0][1], logged[6][1])
+        # dev_results.txt: a line "<step> <mIoU>" per evaluation, the logged values.
+        with open(os.path.join(self.model_dir, "dev_results.txt")) as f:
+            lines = [line.split() for line in f]
+        self.assertEqual([int(step) for step, _ in lines], [0, 3, 6])
+        for step, value in lines:
+            self.assertAllClose(float(value), logged[int(step)][1], atol=1e-6)
 
     def test_tensorboard_scalars_and_images(self):
         train_events = _events(os.path.join(self.model_dir, "train"))

@@ -18,6 +18,8 @@ from uda_tf import common, data, evaluate, readers
 from uda_tf import config as config_lib
 from uda_tf.uda_model import TerminateOnNonFiniteLoss
 
+# Dev mIoU along training, a line "<step> <mIoU>" per evaluation (--dev_size).
+DEV_LOG_FILE = "dev_results.txt"
 # The largest panel (input | prediction | ground truth) written to TensorBoard.
 MAX_PANEL_WIDTH = 1536
 
@@ -112,45 +114,62 @@ def _resize_panels(panels: np.ndarray) -> np.ndarray:
 class EvalSummaries(keras.callbacks.Callback):
     """At each epoch end: prediction images and, with --dev_size, dev mIoU.
 
-    Uses the EMA network. The dev results go to TensorBoard (model_dir/eval,
-    `dev/mean_iou`, `dev/iou/<class>`) and into the epoch logs as
-    `dev/mean_iou` (CSV, History).
+    Uses the EMA network. With --dev_size the dev split is also evaluated when
+    training begins (step 0 of a fresh run: the untrained network, near
+    chance), so that the logs show mIoU rising from there. The dev results go
+    to TensorBoard (model_dir/eval, `dev/mean_iou`, `dev/iou/<class>`) and
+    into the epoch logs as `dev/mean_iou` (CSV, History); with `dev_log_path`
+    each evaluation also appends a line "<step> <mIoU>" to that file.
     """
 
-    def __init__(self, cfg: config_lib.Config, writer, *, info, vis_batch, dev_dataset):
+    def __init__(
+        self, cfg: config_lib.Config, writer, *, info, vis_batch, dev_dataset, dev_log_path=None
+    ):
         super().__init__()
         self.cfg = cfg
+        self.dev_log_path = dev_log_path
         self.writer = writer
         self.info = info
         self.vis_batch = vis_batch
         self.dev_dataset = dev_dataset
 
+    def on_train_begin(self, logs=None):
+        if self.dev_dataset is not None:
+            self._evaluate_dev(global_step(self.model))
+
     def on_epoch_end(self, epoch, logs=None):
         step = global_step(self.model)
-        network = self.model.ema_network
-        with self.writer.as_default(step=step):
-            if self.vis_batch is not None:
-                predictions = evaluate.predict_fn(network)(self.vis_batch[common.IMAGE]).numpy()
-                panels = np.stack(
-                    [
-                        evaluate.panel(image, prediction, mask, self.info.palette)
-                        for image, prediction, mask in zip(
-                            self.vis_batch[common.IMAGE].numpy(),
-                            predictions,
-                            self.vis_batch[common.MASK].numpy(),
-                        )
-                    ]
-                )
-                write_images("input|prediction|ground_truth", _resize_panels(panels))
-            if self.dev_dataset is None:
-                return
-            confusion = evaluate.confusion_matrix(
-                network,
-                self.dev_dataset,
-                num_classes=self.cfg.data.num_classes,
-                ignore_label=self.cfg.data.ignore_label,
+        if self.vis_batch is not None:
+            network = self.model.ema_network
+            predictions = evaluate.predict_fn(network)(self.vis_batch[common.IMAGE]).numpy()
+            panels = np.stack(
+                [
+                    evaluate.panel(image, prediction, mask, self.info.palette)
+                    for image, prediction, mask in zip(
+                        self.vis_batch[common.IMAGE].numpy(),
+                        predictions,
+                        self.vis_batch[common.MASK].numpy(),
+                    )
+                ]
             )
-            results = evaluate.results_from_confusion(confusion, self.info.class_names)
+            with self.writer.as_default(step=step):
+                write_images("input|prediction|ground_truth", _resize_panels(panels))
+        if self.dev_dataset is None:
+            return
+        mean_iou = self._evaluate_dev(step)
+        if logs is not None:
+            logs["dev/mean_iou"] = mean_iou
+
+    def _evaluate_dev(self, step: int) -> float:
+        """Dev mIoU of the EMA network, written to TensorBoard and the log."""
+        confusion = evaluate.confusion_matrix(
+            self.model.ema_network,
+            self.dev_dataset,
+            num_classes=self.cfg.data.num_classes,
+            ignore_label=self.cfg.data.ignore_label,
+        )
+        results = evaluate.results_from_confusion(confusion, self.info.class_names)
+        with self.writer.as_default(step=step):
             for key, value in results.items():
                 write_scalar(f"dev/{key}", value)
         logging.info(
@@ -159,8 +178,10 @@ class EvalSummaries(keras.callbacks.Callback):
             results["mean_iou"],
             self.cfg.train.dev_size,
         )
-        if logs is not None:
-            logs["dev/mean_iou"] = results["mean_iou"]
+        if self.dev_log_path:
+            with open(self.dev_log_path, "a", encoding="utf-8") as f:
+                f.write(f"{step} {results['mean_iou']:.6f}\n")
+        return results["mean_iou"]
 
 
 def eval_input(
@@ -216,6 +237,7 @@ def training_callbacks(cfg: config_lib.Config, model, manager, *, chief: bool) -
             info=readers.dataset_info(cfg.data),
             vis_batch=vis_batch,
             dev_dataset=dev_dataset,
+            dev_log_path=os.path.join(model_dir, DEV_LOG_FILE) if chief else None,
         ),
     ]
     if chief:

@@ -128,6 +128,8 @@ def _log_outputs(cfg: config_lib.Config, results: dict[str, float]) -> None:
     if cfg.train.do_train:
         lines.append(f"labeled set:  {os.path.join(model_dir, LABELED_FILES)}")
         lines.append(f"training log: {os.path.join(model_dir, 'training_log.csv')}")
+        if cfg.train.dev_size > 0:
+            lines.append(f"dev mIoU:     {os.path.join(model_dir, callbacks.DEV_LOG_FILE)}")
     if results:
         lines.append(
             f"results:      {os.path.join(model_dir, RESULTS_FILE)} "
