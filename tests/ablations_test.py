@@ -1,0 +1,102 @@
+"""Tests of the ablation experiment's planning and its table."""
+
+import csv
+import os
+import tempfile
+
+import tensorflow as tf
+
+from uda_tf import evaluate
+from uda_tf.experiments import ablations
+from uda_tf.experiments import label_efficiency as le
+
+
+def _row(variant: str, seed: int, mean_iou: float, wall_s: float = 60.0) -> dict:
+    return {"variant": variant, "seed": seed, "mean_iou": mean_iou, "wall_s": wall_s}
+
+
+class PlanTest(tf.test.TestCase):
+    def test_runs_use_label_efficiency_names_under_the_variant(self):
+        planned = ablations.plan(
+            output_dir="out", names=["supervised", "ratio1"], fraction="1/8", num_seeds=2,
+            num_train=367,
+        )  # fmt: skip
+        self.assertEqual(
+            [(name, run.method, run.seed, run.sup_size, run.model_dir) for name, run in planned],
+            [
+                ("supervised", "supervised", 0, 46, "out/supervised/frac1of8_supervised_seed0"),
+                ("supervised", "supervised", 1, 46, "out/supervised/frac1of8_supervised_seed1"),
+                ("ratio1", "uda", 0, 46, "out/ratio1/frac1of8_uda_seed0"),
+                ("ratio1", "uda", 1, 46, "out/ratio1/frac1of8_uda_seed1"),
+            ],
+        )
+
+    def test_a_variant_changes_only_its_flags(self):
+        (_, run), (_, ref) = ablations.plan(
+            output_dir="o", names=["plain_kl", "uda"], fraction="1/8", num_seeds=1, num_train=367
+        )
+        args = le.run_flags(
+            run, task_name="camvid", data_dir="d", preset="cpu",
+            extra=list(ablations.VARIANTS["plain_kl"].flags),
+        )  # fmt: skip
+        ref_args = le.run_flags(ref, task_name="camvid", data_dir="d", preset="cpu", extra=[])
+        # absl keeps the last value of a repeated flag: the variant's.
+        parsed = dict(a[2:].split("=", 1) for a in args)
+        parsed_ref = dict(a[2:].split("=", 1) for a in ref_args)
+        changed = {k for k in parsed if parsed[k] != parsed_ref[k]}
+        self.assertEqual(changed, {"model_dir", "uda_softmax_temp", "uda_confidence_thresh"})
+        self.assertEqual(parsed["uda_softmax_temp"], "-1")
+
+    def test_unknown_variant_is_named(self):
+        with self.assertRaisesRegex(ValueError, "--variants.*'thresh9'"):
+            ablations.plan(output_dir="o", names=["thresh9"], fraction="1/8", num_seeds=1,
+                           num_train=367)  # fmt: skip
+
+    def test_every_reference_is_a_variant(self):
+        for name, variant in ablations.VARIANTS.items():
+            self.assertIn(variant.method, le.METHODS, name)
+            if variant.reference:
+                self.assertIn(variant.reference, ablations.VARIANTS, name)
+
+
+class TableTest(tf.test.TestCase):
+    def test_differences_are_over_the_seeds_both_have(self):
+        rows = [
+            _row("supervised", 0, 0.40),
+            _row("supervised", 1, 0.50),
+            _row("uda", 0, 0.43),
+            _row("uda", 1, 0.52),
+            _row("ratio1", 1, 0.55, wall_s=120.0),  # seed 1 only: compared with 50, not 45.
+        ]
+        lines = {line.split(" | ")[0][2:]: line for line in ablations.table(rows).splitlines()}
+        self.assertIn("| 2 | 40.0, 50.0 | 45.0 | — |", lines["supervised"])
+        self.assertIn(
+            "| 2 | 43.0, 52.0 | 47.5 | +2.5 vs supervised (seeds 0,1) | 1.0 |", lines["uda"]
+        )
+        self.assertIn("| 1 | 55.0 | 55.0 | +5.0 vs supervised (seeds 1) | 2.0 |", lines["ratio1"])
+
+    def test_outputs_from_finished_runs(self):
+        out = tempfile.mkdtemp()
+        planned = ablations.plan(
+            output_dir=out, names=["supervised", "uda"], fraction="1/8", num_seeds=1,
+            num_train=367,
+        )  # fmt: skip
+        rows = []
+        for i, (name, run) in enumerate(planned):
+            os.makedirs(run.model_dir)
+            evaluate.write_results(
+                os.path.join(run.model_dir, "results.txt"), {"mean_iou": 0.4 + 0.05 * i},
+                global_step=10,
+            )  # fmt: skip
+            # No subprocess can run here: a missing results.txt would try to train.
+            rows.append({"variant": name, **le.execute(run, ["--definitely_not_a_flag"])})
+        ablations.write_outputs(rows, out)
+        with open(os.path.join(out, "ablations.csv")) as f:
+            written = list(csv.DictReader(f))
+        self.assertEqual([r["variant"] for r in written], ["supervised", "uda"])
+        with open(os.path.join(out, "ablations.md")) as f:
+            self.assertIn("+5.0 vs supervised (seeds 0)", f.read())
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,175 @@
+"""Ablations of UDA's knobs at one labeled fraction: what moves UDA's gain.
+
+    python -m uda_tf.experiments.ablations --task_name=camvid \
+        --data_dir=../shared/data/camvid_240x180 --fraction=1/8 --seeds=1 \
+        --output_dir=runs/ablations
+
+Each variant is a method of uda_tf.experiments.label_efficiency (the same
+preset: model, crop, steps, schedule) with one change of flags; `supervised`
+and `uda` (the preset's UDA) are the references. A variant's runs live in
+`output_dir/<variant>/` under label_efficiency's names and resume the same way
+(a run whose results.txt exists is not repeated). The output folder gets
+`ablations.csv` (every run) and `ablations.md` (one row per variant: every
+run's mIoU, the mean, and the difference with its reference over the same
+seeds). Flags given after `--` go to every run.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+
+import numpy as np
+from absl import app, flags
+
+from uda_tf.experiments import label_efficiency as le
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: a method of label_efficiency plus flags."""
+
+    method: str
+    flags: tuple[str, ...]
+    change: str
+    reference: str = "supervised"
+
+
+# In the order of the table. The `uda` method's flags are le.UDA_FLAGS.
+VARIANTS = {
+    "supervised": Variant("supervised", (), "no unlabeled loss (--unsup_ratio=0)", ""),
+    "uda": Variant("uda", (), "the preset's UDA: T 0.4, thresh 0.8, r 2, coeff 1, 15 ops + Cutout"),
+    "thresh0.5": Variant("uda", ("--uda_confidence_thresh=0.5",), "confidence threshold 0.5"),
+    "plain_kl": Variant(
+        "uda",
+        ("--uda_softmax_temp=-1", "--uda_confidence_thresh=-1"),
+        "no sharpening, no confidence mask",
+    ),
+    "tsa_linear": Variant("uda", ("--tsa=linear_schedule",), "TSA, linear schedule"),
+    "ratio1": Variant("uda", ("--unsup_ratio=1",), "unsup_ratio 1 (half the unlabeled images)"),
+    "photometric": Variant(
+        "uda", ("--aug_ops=photometric",), "aug view without shear, translate, rotate"
+    ),
+    "coeff2": Variant("uda", ("--unsup_coeff=2",), "unsup_coeff 2"),
+    "supervised_4800": Variant(
+        "supervised", ("--train_steps=4800", "--save_steps=1200"), "supervised, 2x steps", ""
+    ),
+    "uda_4800": Variant(
+        "uda", ("--train_steps=4800", "--save_steps=1200"), "UDA, 2x steps", "supervised_4800"
+    ),
+}
+CSV_FIELDS = ("variant",) + le.CSV_FIELDS
+
+
+def plan(
+    *, output_dir: str, names: list[str], fraction: str, num_seeds: int, num_train: int
+) -> list[tuple[str, le.Run]]:
+    """(variant name, run) for every variant and seed, in the order they run.
+
+    Raises:
+      ValueError: naming an unknown variant.
+    """
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+    sup_size = le.sup_size_for(fraction, num_train)
+    out = []
+    for name in names:
+        method = VARIANTS[name].method
+        for seed in range(num_seeds):
+            run_name = f"frac{fraction.replace('/', 'of')}_{method}_seed{seed}"
+            model_dir = os.path.join(output_dir, name, run_name)
+            out.append((name, le.Run(fraction, sup_size, method, seed, model_dir)))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: a row per variant, with its difference to its reference.
+
+    The difference is the mean over the seeds that the variant and its
+    reference both have, so that a variant is never compared with other seeds.
+    """
+    by_variant: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], {})[row["seed"]] = row
+    lines = [
+        (
+            "| variant | change | runs | mIoU of each seed | mean "
+            "| Δ vs reference (same seeds) | wall (min per run) |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, seeds in by_variant.items():
+        variant = VARIANTS[name]
+        values = {s: 100 * r["mean_iou"] for s, r in sorted(seeds.items())}
+        every = ", ".join(f"{v:.1f}" for v in values.values())
+        delta = "—"
+        reference = by_variant.get(variant.reference, {})
+        common = sorted(set(values) & set(reference))
+        if common:
+            diff = np.mean([values[s] - 100 * reference[s]["mean_iou"] for s in common])
+            delta = f"{diff:+.1f} vs {variant.reference} (seeds {','.join(map(str, common))})"
+        walls = [r["wall_s"] / 60 for r in seeds.values() if not math.isnan(r["wall_s"])]
+        wall = f"{np.mean(walls):.1f}" if walls else "—"
+        lines.append(
+            f"| {name} | {variant.change} | {len(values)} | {every} | "
+            f"{np.mean(list(values.values())):.1f} | {delta} | {wall} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict], output_dir: str) -> None:
+    """ablations.csv and ablations.md in output_dir."""
+    with open(os.path.join(output_dir, "ablations.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(output_dir, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write(table(rows))
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("task_name", "camvid", "Dataset: camvid, cityscapes or custom.")
+    flags.DEFINE_string("data_dir", None, "The dataset root.")
+    flags.DEFINE_string("fraction", "1/8", "The labeled fraction.")
+    flags.DEFINE_integer("seeds", 1, "Seeds per variant (0..seeds-1).")
+    flags.DEFINE_list("variants", list(VARIANTS)[:8], f"Some of {list(VARIANTS)}.")
+    flags.DEFINE_enum("preset", "cpu", list(le.PRESETS), "Model, crop and schedule preset.")
+    flags.DEFINE_string("output_dir", "runs/ablations", "Where runs and reports go.")
+    flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
+
+
+def main(argv: list[str]) -> None:
+    cfg = flags.FLAGS
+    if not cfg.data_dir:
+        raise app.UsageError("--data_dir is required.")
+    if cfg.seeds < 1:
+        raise app.UsageError(f"--seeds={cfg.seeds}: expected >= 1.")
+    num_train = cfg.num_train or le.NUM_TRAIN.get(cfg.task_name)
+    if not num_train:
+        raise app.UsageError(f"--num_train is required for --task_name={cfg.task_name}.")
+    (fraction,) = le.parse_fractions(cfg.fraction)
+    planned = plan(
+        output_dir=cfg.output_dir,
+        names=cfg.variants,
+        fraction=fraction,
+        num_seeds=cfg.seeds,
+        num_train=num_train,
+    )
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    rows = []
+    for name, run in planned:
+        extra = list(VARIANTS[name].flags) + argv[1:]
+        args = le.run_flags(
+            run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
+        )
+        rows.append({"variant": name, **le.execute(run, args)})
+        write_outputs(rows, cfg.output_dir)
+    with open(os.path.join(cfg.output_dir, "ablations.md"), encoding="utf-8") as f:
+        print(f.read())
+    print(f"CSV: {os.path.join(cfg.output_dir, 'ablations.csv')}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
