@@ -11,7 +11,8 @@ and `uda` (the preset's UDA) are the references. A variant's runs live in
 (a run whose results.txt exists is not repeated). The output folder gets
 `ablations.csv` (every run) and `ablations.md` (one row per variant: every
 run's mIoU, the mean, and the difference with its reference over the same
-seeds). Flags given after `--` go to every run.
+seeds). Flags given after `--` go to every run. `--report_only` trains nothing
+and reports the finished runs among those planned.
 """
 
 import csv
@@ -137,6 +138,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("preset", "cpu", list(le.PRESETS), "Model, crop and schedule preset.")
     flags.DEFINE_string("output_dir", "runs/ablations", "Where runs and reports go.")
     flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
+    flags.DEFINE_bool(
+        "report_only",
+        False,
+        "Train nothing: report the finished runs among those planned (e.g. 3 seeds of the "
+        "references and 1 of the other variants).",
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -159,12 +166,15 @@ def main(argv: list[str]) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     rows = []
     for name, run in planned:
+        if cfg.report_only and not os.path.exists(os.path.join(run.model_dir, "results.txt")):
+            continue
         extra = list(VARIANTS[name].flags) + argv[1:]
         args = le.run_flags(
             run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
         )
         rows.append({"variant": name, **le.execute(run, args)})
         write_outputs(rows, cfg.output_dir)
+    write_outputs(rows, cfg.output_dir)
     with open(os.path.join(cfg.output_dir, "ablations.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"CSV: {os.path.join(cfg.output_dir, 'ablations.csv')}")
