@@ -244,15 +244,29 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(s["method"] for s in summary):
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    for i, method in enumerate(methods):
         points = sorted(
-            (float(fractions_lib.Fraction(s["fraction"])), s["mean"], s["std"])
+            (float(fractions_lib.Fraction(s["fraction"])), s["mean"], s["std"], s["values"])
             for s in summary
             if s["method"] == method
         )
-        x, y, e = zip(*points)
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=4, label=method)
+        x, y, e, values = zip(*points)
+        # Each method nudged sideways so that the methods' bars and dots do not overlap.
+        nudge = 2 ** (0.06 * (i - (len(methods) - 1) / 2))
+        x_nudged = [xi * nudge for xi in x]
+        bar = ax.errorbar(
+            x_nudged, y, yerr=e, marker="o", capsize=4, label=f"{method} (mean ± std, runs)"
+        )
+        run_x = [xi for xi, vs in zip(x_nudged, values) for _ in vs]
+        run_y = [v for vs in values for v in vs]
+        ax.scatter(run_x, run_y, s=14, alpha=0.5, color=bar[0].get_color())
+    fractions = sorted({s["fraction"] for s in summary}, key=fractions_lib.Fraction)
+    ticks = [float(fractions_lib.Fraction(f)) for f in fractions]
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, fractions)
+    ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
     ax.set_xlabel("labeled fraction of the train set")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(title)
