@@ -44,7 +44,7 @@ VARIANTS = {
     "plain_kl": Variant(
         "uda",
         ("--uda_softmax_temp=-1", "--uda_confidence_thresh=-1"),
-        "no sharpening, no confidence mask",
+        "no sharpening, no confidence mask (the original's flag defaults)",
     ),
     "tsa_linear": Variant("uda", ("--tsa=linear_schedule",), "TSA, linear schedule"),
     "ratio1": Variant("uda", ("--unsup_ratio=1",), "unsup_ratio 1 (half the unlabeled images)"),
