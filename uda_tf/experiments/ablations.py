@@ -109,6 +109,7 @@ def table(rows: list[dict]) -> str:
         common = sorted(set(values) & set(reference))
         if common:
             diff = np.mean([values[s] - 100 * reference[s]["mean_iou"] for s in common])
+            diff = round(float(diff), 1) + 0.0  # no "-0.0"
             delta = f"{diff:+.1f} vs {variant.reference} (seeds {','.join(map(str, common))})"
         walls = [r["wall_s"] / 60 for r in seeds.values() if not math.isnan(r["wall_s"])]
         wall = f"{np.mean(walls):.1f}" if walls else "—"
