@@ -78,8 +78,7 @@ def plan(
     for name in names:
         method = VARIANTS[name].method
         for seed in range(num_seeds):
-            run_name = f"frac{fraction.replace('/', 'of')}_{method}_seed{seed}"
-            model_dir = os.path.join(output_dir, name, run_name)
+            model_dir = os.path.join(output_dir, name, le.run_name(fraction, method, seed))
             out.append((name, le.Run(fraction, sup_size, method, seed, model_dir)))
     return out
 
@@ -149,13 +148,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     cfg = flags.FLAGS
-    if not cfg.data_dir:
-        raise app.UsageError("--data_dir is required.")
-    if cfg.seeds < 1:
-        raise app.UsageError(f"--seeds={cfg.seeds}: expected >= 1.")
-    num_train = cfg.num_train or le.NUM_TRAIN.get(cfg.task_name)
-    if not num_train:
-        raise app.UsageError(f"--num_train is required for --task_name={cfg.task_name}.")
+    num_train = le.check_common_flags(cfg)
     (fraction,) = le.parse_fractions(cfg.fraction)
     planned = plan(
         output_dir=cfg.output_dir,
@@ -174,8 +167,9 @@ def main(argv: list[str]) -> None:
             run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
         )
         rows.append({"variant": name, **le.execute(run, args)})
+        write_outputs(rows, cfg.output_dir)  # a report after every run, as label_efficiency
+    if not rows:
         write_outputs(rows, cfg.output_dir)
-    write_outputs(rows, cfg.output_dir)
     with open(os.path.join(cfg.output_dir, "ablations.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"CSV: {os.path.join(cfg.output_dir, 'ablations.csv')}")

@@ -125,6 +125,27 @@ def sup_size_for(fraction: str, num_train: int) -> int:
     return max(1, round(float(value) * num_train))
 
 
+def run_name(fraction: str, method: str, seed: int) -> str:
+    """The folder name of one run: '1/8', 'uda', 0 -> 'frac1of8_uda_seed0'."""
+    return f"frac{fraction.replace('/', 'of')}_{method}_seed{seed}"
+
+
+def check_common_flags(cfg) -> int:
+    """Checks --data_dir and --seeds; returns the train-set size (--num_train or the task's).
+
+    Raises:
+      app.UsageError: naming the flag that is missing or out of range.
+    """
+    if not cfg.data_dir:
+        raise app.UsageError("--data_dir is required.")
+    if cfg.seeds < 1:
+        raise app.UsageError(f"--seeds={cfg.seeds}: expected >= 1.")
+    num_train = cfg.num_train or NUM_TRAIN.get(cfg.task_name)
+    if not num_train:
+        raise app.UsageError(f"--num_train is required for --task_name={cfg.task_name}.")
+    return num_train
+
+
 def plan_runs(*, output_dir, fraction_list, num_seeds, methods, num_train) -> list[Run]:
     """Every (fraction, seed, method) of the experiment, in the order they run."""
     runs = []
@@ -132,8 +153,8 @@ def plan_runs(*, output_dir, fraction_list, num_seeds, methods, num_train) -> li
         sup_size = sup_size_for(fraction, num_train)
         for seed in range(num_seeds):
             for method in methods:
-                name = f"frac{fraction.replace('/', 'of')}_{method}_seed{seed}"
-                runs.append(Run(fraction, sup_size, method, seed, os.path.join(output_dir, name)))
+                model_dir = os.path.join(output_dir, run_name(fraction, method, seed))
+                runs.append(Run(fraction, sup_size, method, seed, model_dir))
     return runs
 
 
@@ -306,16 +327,10 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     cfg = flags.FLAGS
-    if not cfg.data_dir:
-        raise app.UsageError("--data_dir is required.")
+    num_train = check_common_flags(cfg)
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
-    if cfg.seeds < 1:
-        raise app.UsageError(f"--seeds={cfg.seeds}: expected >= 1.")
-    num_train = cfg.num_train or NUM_TRAIN.get(cfg.task_name)
-    if not num_train:
-        raise app.UsageError(f"--num_train is required for --task_name={cfg.task_name}.")
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = plan_runs(
         output_dir=cfg.output_dir,
