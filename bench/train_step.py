@@ -12,8 +12,12 @@ ms/step is the median of --repeats timings of --steps steps each, after
 warmup, the two steps' timings alternating. Prints the figures and the
 uda/supervised ratios (target <= 1.10).
 
+With --uda_target=inference or ema the originals take a forward pass
+without gradient, outside the training pass (and no entropy term).
+
 Usage: python -m bench.train_step [--model_name=unet] [--height=64 --width=128]
        [--batch=2 --unsup_ratio=1] [--steps=10] [--modes=eager,function,xla]
+       [--uda_target=shared]
 """
 
 import os
@@ -45,6 +49,9 @@ _CLASSES = flags.DEFINE_integer("num_classes", 19, "Classes.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement (median).")
 _MODES = flags.DEFINE_list("modes", ["eager", "function", "xla"], "Execution modes.")
+_TARGET = flags.DEFINE_enum(
+    "uda_target", "shared", ["shared", "inference", "ema"], "Where the UDA target comes from."
+)
 
 
 def _batches(batch: int, ratio: int, height: int, width: int, num_classes: int):
@@ -85,7 +92,8 @@ def _model(unsup_ratio: int) -> UdaModel:
         tsa="linear_schedule",
         uda_confidence_thresh=0.8,
         uda_softmax_temp=0.4,
-        ent_min_coeff=0.1 if unsup_ratio else 0.0,
+        ent_min_coeff=0.1 if unsup_ratio and _TARGET.value == "shared" else 0.0,
+        uda_target=_TARGET.value,
         num_classes=_CLASSES.value,
         train_steps=100000,
     )
@@ -134,7 +142,8 @@ def main(argv):
     print(
         f"{_MODEL.value} ({uda_model.network.count_params()} params), "
         f"{num_images} images of {_HEIGHT.value}x{_WIDTH.value} per step "
-        f"(B={_BATCH.value}, r={_RATIO.value}), {_CLASSES.value} classes, devices {devices}"
+        f"(B={_BATCH.value}, r={_RATIO.value}), {_CLASSES.value} classes, "
+        f"uda_target {_TARGET.value}, devices {devices}"
     )
     print(f"{'mode':<10}{'supervised ms':>15}{'uda ms':>10}{'uda/sup':>10}")
     for mode in _MODES.value:

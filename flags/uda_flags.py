@@ -99,6 +99,15 @@ def _define_original(fv: flags.FlagValues) -> None:
         "Weight of the consistency loss (an integer in the original; any float here).",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "uda_target",
+        "shared",
+        list(config_lib.UDA_TARGETS),
+        "Where the target on the originals comes from. shared: one training-mode pass on "
+        "[labeled, ori, aug], BN statistics shared (the original). inference: the network "
+        "alone on the originals in inference mode. ema: the EMA network so (a mean teacher).",
+        flag_values=fv,
+    )
     flags.DEFINE_float(
         "moving_average_decay",
         0.9999,

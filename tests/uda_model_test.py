@@ -1,5 +1,6 @@
 """Tests of uda_tf/uda_model.py: the UDA train step, EMA, weight decay, distribution."""
 
+import dataclasses
 import os
 import tempfile
 
@@ -69,6 +70,10 @@ def make_batch(sup_size=4, unsup_size=4, seed=0):
         common.AUG_IMAGE: aug,
         common.AUG_TRANSFORM: transforms,
     }
+
+
+# The entropy term trains through the originals' pass: "shared" only.
+UDA_NO_ENT = dataclasses.replace(UDA_ON, ent_min_coeff=0.0)
 
 
 def make_model(uda=UDA_ON, *, seed=0, decay=0.5, wd=1e-3, lr=0.1, batch_norm=False):
@@ -245,6 +250,69 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         del batch[common.AUG_IMAGE]
         with self.assertRaisesRegex(ValueError, "aug_image"):
             model.train_step(batch)
+
+
+class UdaTargetTest(tf.test.TestCase):
+    """--uda_target: where the consistency target on the originals comes from."""
+
+    def _cons(self, batch, ori_logits, aug_logits):
+        return losses.consistency_loss(
+            ori_logits=ori_logits,
+            aug_logits=aug_logits,
+            softmax_temp=0.5,
+            confidence_thresh=0.36,
+            transforms=batch[common.AUG_TRANSFORM],
+            ori_valid=batch[common.ORI_VALID],
+        )["loss"]
+
+    def _train_images(self, batch):
+        return tf.cast(tf.concat([batch[common.IMAGE], batch[common.AUG_IMAGE]], 0), tf.float32)
+
+    def test_inference_equals_shared_without_batch_norm(self):
+        # Without BN an image's logits do not depend on its batch: the
+        # separate target pass must give the same step as the shared one.
+        batch = make_batch()
+        shared = make_model(UDA_NO_ENT)
+        separate = make_model(dataclasses.replace(UDA_NO_ENT, uda_target="inference"))
+        for _ in range(2):
+            a, b = shared.train_step(batch), separate.train_step(batch)
+            for key in a:
+                self.assertAllClose(a[key], b[key], atol=1e-6, msg=key)
+        for a, b in zip(weights_of(shared), weights_of(separate)):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_inference_target_uses_bn_moving_statistics(self):
+        batch = make_batch()
+        uda = dataclasses.replace(UDA_NO_ENT, uda_target="inference")
+        reference = make_model(uda, batch_norm=True)  # same seed, for the expected values
+        model = make_model(uda, batch_norm=True)
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        target = reference.network(ori, training=False)  # before any BN update
+        logits = reference.network(self._train_images(batch), training=True)
+        expected = self._cons(batch, target, logits[4:])
+        logs = model.train_step(batch)
+        self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+        # Not what the shared pass gives: BN makes the difference.
+        shared_logs = make_model(UDA_NO_ENT, batch_norm=True).train_step(batch)
+        self.assertNotAllClose(logs["unsup/loss"], shared_logs["unsup/loss"], atol=1e-3)
+
+    def test_ema_target_comes_from_the_ema_network(self):
+        batch = make_batch()
+        model = make_model(dataclasses.replace(UDA_NO_ENT, uda_target="ema"), decay=0.5)
+        model.train_step(batch)  # the shadows now differ from the weights
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        aug_logits = model.network(self._train_images(batch), training=True)[4:]
+        expected = self._cons(batch, model.ema_network(ori, training=False), aug_logits)
+        from_network = self._cons(batch, model.network(ori, training=False), aug_logits)
+        self.assertNotAllClose(expected, from_network, atol=1e-4)
+        logs = model.train_step(batch)
+        self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+
+    def test_invalid_target_and_entropy_with_a_separate_target_raise(self):
+        with self.assertRaisesRegex(ValueError, r"--uda_target='teacher'"):
+            dataclasses.replace(UDA_NO_ENT, uda_target="teacher").validate()
+        with self.assertRaisesRegex(ValueError, r"--ent_min_coeff=0.1 needs --uda_target=shared"):
+            dataclasses.replace(UDA_ON, uda_target="ema").validate()
 
 
 class DistributedTest(tf.test.TestCase):

@@ -14,6 +14,8 @@ MODEL_NAMES = ("deeplabv3plus", "unet")
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2", "xception")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUG_OPS = ("all", "photometric")
+# Where the consistency target on the originals comes from (UdaConfig.uda_target).
+UDA_TARGETS = ("shared", "inference", "ema")
 
 
 def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
@@ -118,6 +120,11 @@ class UdaConfig:
     uda_softmax_temp: float = -1.0
     ent_min_coeff: float = 0.0
     unsup_coeff: float = 1.0
+    # "shared": one training-mode pass on concat[labeled, ori, aug], BN
+    # statistics shared by the three groups (the original). "inference": the
+    # originals go through the network alone in inference mode (BN moving
+    # statistics). "ema": the same through the EMA network (a mean teacher).
+    uda_target: str = "shared"
     num_classes: int = 19
     ignore_label: int = 255
     # Denominator of TSA progress (and of the LR schedule).
@@ -139,6 +146,13 @@ class UdaConfig:
         )
         _check(self.ent_min_coeff >= 0, "ent_min_coeff", self.ent_min_coeff, ">= 0")
         _check(self.unsup_coeff >= 0, "unsup_coeff", self.unsup_coeff, ">= 0")
+        _check(self.uda_target in UDA_TARGETS, "uda_target", self.uda_target, str(UDA_TARGETS))
+        if self.uda_target != "shared" and self.ent_min_coeff > 0:
+            raise ValueError(
+                f"--ent_min_coeff={self.ent_min_coeff} needs --uda_target=shared: the entropy "
+                f"term trains through the originals' pass, which --uda_target="
+                f"{self.uda_target} runs without gradient."
+            )
         _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
 
 

@@ -1,7 +1,9 @@
 """UdaModel: the keras.Model whose train_step is UDA's, for fit and custom loops.
 
 One forward pass on concat[labeled, ori, aug] in training mode (BN statistics
-shared by the three groups, as the original), then L_sup (TSA) + unsup_coeff *
+shared by the three groups, as the original; with uda_target "inference" or
+"ema" the originals go alone, without gradient, through the network or its
+EMA in inference mode, and the training pass is on concat[labeled, aug]), then L_sup (TSA) + unsup_coeff *
 L_cons + ent_min_coeff * L_ent + weight decay, SGD, and an EMA of the weights.
 
 Distribution. Keras sums the replicas' gradients (TFOptimizer all-reduces with
@@ -171,11 +173,17 @@ class UdaModel(keras.Model):
                 self.optimizer.build(self.network.trainable_variables)
         step = self.optimizer.iterations
         progress = tf.cast(step, tf.float32) / float(self.uda_config.train_steps)
-        images = self._forward_images(data)
+        images, target_images = self._forward_images(data)
+        target_logits = None
+        if target_images is not None:
+            teacher = self.ema_network if self.uda_config.uda_target == "ema" else self.network
+            target_logits = tf.stop_gradient(
+                tf.cast(teacher(target_images, training=False), tf.float32)
+            )
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)
-            shares, coeffs, logs = self._loss_terms(data, logits, progress)
+            shares, coeffs, logs = self._loss_terms(data, logits, progress, target_logits)
             shares["weight_decay"] = self._weight_decay_share()
             coeffs["weight_decay"] = 1.0
             loss = tf.add_n([coeffs[k] * shares[k] for k in shares])
@@ -229,8 +237,13 @@ class UdaModel(keras.Model):
             for k, v in per_replica.items()
         }
 
-    def _forward_images(self, data) -> tf.Tensor:
-        """float32 [B(1 + 2r), h, w, 3]: concat[labeled, ori, aug]."""
+    def _forward_images(self, data) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """(training-pass images, target-pass images or None), float32.
+
+        uda_target "shared": (concat[labeled, ori, aug], None), B(1 + 2r)
+        images in one pass. Otherwise (concat[labeled, aug], ori). Without
+        UDA: (labeled, None).
+        """
         keys = [common.IMAGE]
         if self.uda_config.unsup_ratio > 0:
             keys += [common.ORI_IMAGE, common.AUG_IMAGE]
@@ -240,10 +253,18 @@ class UdaModel(keras.Model):
                 f"The training batch lacks {missing} (--unsup_ratio="
                 f"{self.uda_config.unsup_ratio}); it has {sorted(data)}."
             )
-        return tf.concat([tf.cast(data[k], tf.float32) for k in keys], axis=0)
+        target = None
+        if self.uda_config.unsup_ratio > 0 and self.uda_config.uda_target != "shared":
+            keys.remove(common.ORI_IMAGE)
+            target = tf.cast(data[common.ORI_IMAGE], tf.float32)
+        return tf.concat([tf.cast(data[k], tf.float32) for k in keys], axis=0), target
 
-    def _loss_terms(self, data, logits, progress):
-        """(this replica's loss shares, their coefficients, other logs)."""
+    def _loss_terms(self, data, logits, progress, target_logits=None):
+        """(this replica's loss shares, their coefficients, other logs).
+
+        `logits` are the training pass's; `target_logits` the originals' from
+        a separate pass (None: they are in `logits`, after the labeled ones).
+        """
         cfg = self.uda_config
         sup_size = tf.shape(data[common.IMAGE])[0]
         sup = losses.supervised_loss(
@@ -260,11 +281,15 @@ class UdaModel(keras.Model):
         if cfg.unsup_ratio == 0:
             return shares, coeffs, logs
         unsup_size = tf.shape(data[common.ORI_IMAGE])[0]
-        ori_logits = logits[sup_size : sup_size + unsup_size]
+        if target_logits is None:
+            ori_logits = logits[sup_size : sup_size + unsup_size]
+            aug_logits = logits[sup_size + unsup_size :]
+        else:
+            ori_logits, aug_logits = target_logits, logits[sup_size:]
         ori_valid = data.get(common.ORI_VALID)
         cons = losses.consistency_loss(
             ori_logits=ori_logits,
-            aug_logits=logits[sup_size + unsup_size :],
+            aug_logits=aug_logits,
             softmax_temp=cfg.uda_softmax_temp,
             confidence_thresh=cfg.uda_confidence_thresh,
             transforms=data.get(common.AUG_TRANSFORM),

@@ -52,6 +52,14 @@ VARIANTS = {
         "uda", ("--aug_ops=photometric",), "aug view without shear, translate, rotate"
     ),
     "coeff2": Variant("uda", ("--unsup_coeff=2",), "unsup_coeff 2"),
+    "bn_inference": Variant(
+        "uda",
+        ("--uda_target=inference",),
+        "target from a separate inference-mode pass (no BN sharing)",
+    ),
+    "ema_target": Variant(
+        "uda", ("--uda_target=ema",), "target from the EMA network (a mean teacher)"
+    ),
     "supervised_4800": Variant(
         "supervised", ("--train_steps=4800", "--save_steps=1200"), "supervised, 2x steps", ""
     ),
@@ -134,7 +142,7 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "The dataset root.")
     flags.DEFINE_string("fraction", "1/8", "The labeled fraction.")
     flags.DEFINE_integer("seeds", 1, "Seeds per variant (0..seeds-1).")
-    flags.DEFINE_list("variants", list(VARIANTS)[:8], f"Some of {list(VARIANTS)}.")
+    flags.DEFINE_list("variants", list(VARIANTS)[:10], f"Some of {list(VARIANTS)}.")
     flags.DEFINE_enum("preset", "cpu", list(le.PRESETS), "Model, crop and schedule preset.")
     flags.DEFINE_string("output_dir", "runs/ablations", "Where runs and reports go.")
     flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
