@@ -17,7 +17,7 @@ without gradient, outside the training pass (and no entropy term).
 
 Usage: python -m bench.train_step [--model_name=unet] [--height=64 --width=128]
        [--batch=2 --unsup_ratio=1] [--steps=10] [--modes=eager,function,xla]
-       [--uda_target=shared]
+       [--uda_target=shared] [--mixed_precision]
 """
 
 import os
@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from uda_tf import common, models
-from uda_tf.config import UdaConfig
+from uda_tf import common, models, train
+from uda_tf.config import TrainConfig, UdaConfig
 from uda_tf.schedules import build_optimizer
 from uda_tf.uda_model import UdaModel
 
@@ -49,6 +49,9 @@ _CLASSES = flags.DEFINE_integer("num_classes", 19, "Classes.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per measurement (median).")
 _MODES = flags.DEFINE_list("modes", ["eager", "function", "xla"], "Execution modes.")
+_MIXED = flags.DEFINE_bool(
+    "mixed_precision", False, "As uda_tf.main's: bfloat16 on CPU and TPU, float16 on GPU."
+)
 _TARGET = flags.DEFINE_enum(
     "uda_target", "shared", ["shared", "inference", "ema"], "Where the UDA target comes from."
 )
@@ -133,6 +136,8 @@ def _compare(sup_model: UdaModel, sup_batch: dict, uda_model: UdaModel, uda_batc
 
 def main(argv):
     del argv
+    if _MIXED.value:
+        keras.mixed_precision.set_global_policy(train.mixed_precision_policy(TrainConfig()))
     uda_batch, sup_batch = _batches(
         _BATCH.value, _RATIO.value, _HEIGHT.value, _WIDTH.value, _CLASSES.value
     )
@@ -143,7 +148,8 @@ def main(argv):
         f"{_MODEL.value} ({uda_model.network.count_params()} params), "
         f"{num_images} images of {_HEIGHT.value}x{_WIDTH.value} per step "
         f"(B={_BATCH.value}, r={_RATIO.value}), {_CLASSES.value} classes, "
-        f"uda_target {_TARGET.value}, devices {devices}"
+        f"uda_target {_TARGET.value}, {keras.mixed_precision.global_policy().name}, "
+        f"devices {devices}"
     )
     print(f"{'mode':<10}{'supervised ms':>15}{'uda ms':>10}{'uda/sup':>10}")
     for mode in _MODES.value:

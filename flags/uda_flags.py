@@ -284,7 +284,8 @@ def _define_model_and_run(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool(
         "mixed_precision",
         False,
-        "mixed_float16 compute (mixed_bfloat16 on TPU); variables stay float32.",
+        "mixed_float16 compute on GPUs, mixed_bfloat16 on TPUs and CPU-only machines; "
+        "variables stay float32.",
         flag_values=fv,
     )
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.", flag_values=fv)

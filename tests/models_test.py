@@ -109,10 +109,11 @@ class ShapeTest(tf.test.TestCase, parameterized.TestCase):
         x = tf.cast(_images(), tf.uint8)
         self.assertAllClose(model(x), model(tf.cast(x, tf.float32)), atol=0, rtol=0)
 
-    def test_mixed_precision_gives_float32_logits(self):
+    @parameterized.parameters("mixed_float16", "mixed_bfloat16")
+    def test_mixed_precision_gives_float32_logits(self, policy):
         previous = keras.mixed_precision.global_policy()
         try:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+            keras.mixed_precision.set_global_policy(policy)
             for name in ("deeplabv3plus", "unet"):
                 model = models.build_model(
                     name,
@@ -124,7 +125,7 @@ class ShapeTest(tf.test.TestCase, parameterized.TestCase):
                 )
                 self.assertEqual(model.get_layer("logits").compute_dtype, "float32")
                 inner = "decoder_conv1" if name == "deeplabv3plus" else "enc1_conv1"
-                self.assertEqual(model.get_layer(inner).compute_dtype, "float16")
+                self.assertEqual(model.get_layer(inner).compute_dtype, policy[len("mixed_") :])
                 logits = model(_images(33, 47, n=1))
                 self.assertEqual(logits.dtype, tf.float32)
                 self.assertEqual(logits.shape, (1, 33, 47, 3))

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
-from uda_tf import common, losses
-from uda_tf.config import UdaConfig
+from uda_tf import common, losses, train
+from uda_tf.config import TrainConfig, UdaConfig
 from uda_tf.schedules import build_optimizer
 from uda_tf.uda_model import (
     TerminateOnNonFiniteLoss,
@@ -313,6 +314,31 @@ class UdaTargetTest(tf.test.TestCase):
             dataclasses.replace(UDA_NO_ENT, uda_target="teacher").validate()
         with self.assertRaisesRegex(ValueError, r"--ent_min_coeff=0.1 needs --uda_target=shared"):
             dataclasses.replace(UDA_ON, uda_target="ema").validate()
+
+
+class MixedPrecisionTest(tf.test.TestCase):
+    def test_policy_is_bfloat16_without_a_gpu_and_on_tpu(self):
+        self.assertEqual(train.mixed_precision_policy(TrainConfig()), "mixed_bfloat16")
+        gpu = [tf.config.LogicalDevice("/device:GPU:0", "GPU")]
+        with mock.patch.object(tf.config, "list_logical_devices", return_value=gpu):
+            self.assertEqual(train.mixed_precision_policy(TrainConfig()), "mixed_float16")
+            tpu = TrainConfig(use_tpu=True)
+            self.assertEqual(train.mixed_precision_policy(tpu), "mixed_bfloat16")
+
+    def test_a_bfloat16_step_has_the_float32_losses(self):
+        batch = make_batch()
+        reference = make_model(batch_norm=True).train_step(batch)
+        previous = keras.mixed_precision.global_policy()
+        try:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            model = make_model(batch_norm=True)
+            logs = model.train_step(batch)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self.assertEqual(model.network.get_layer(index=2).compute_dtype, "bfloat16")
+        for key in ("sup/loss", "unsup/loss", "unsup/ent_min_loss", "total_loss"):
+            self.assertEqual(logs[key].dtype, tf.float32, key)
+            self.assertAllClose(logs[key], reference[key], rtol=0.03, msg=key)
 
 
 class DistributedTest(tf.test.TestCase):

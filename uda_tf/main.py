@@ -199,9 +199,7 @@ def run(
     try:
         if cfg.train.do_train:
             if cfg.train.mixed_precision:
-                keras.mixed_precision.set_global_policy(
-                    "mixed_bfloat16" if cfg.train.use_tpu else "mixed_float16"
-                )
+                keras.mixed_precision.set_global_policy(train.mixed_precision_policy(cfg.train))
             model, optimizer = train.build_uda_model(cfg, strategy)
             train.train(cfg, strategy, model, optimizer, verbose=verbose)
             network, step = model.ema_network, int(optimizer.iterations.numpy())

@@ -105,6 +105,15 @@ def checkpoint_step(path: str) -> int:
     return int(path.rsplit("-", 1)[-1])
 
 
+def mixed_precision_policy(cfg: config_lib.TrainConfig) -> str:
+    """The Keras policy of --mixed_precision: mixed_float16 on GPUs,
+    mixed_bfloat16 on TPUs and on CPU-only machines (CPUs have no fast float16
+    kernels; oneDNN runs bfloat16 on AVX512-BF16 and AMX units)."""
+    if cfg.use_tpu or cfg.strategy == "tpu" or not tf.config.list_logical_devices("GPU"):
+        return "mixed_bfloat16"
+    return "mixed_float16"
+
+
 def build_uda_model(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     """Builds the network, the UdaModel and its (built) optimizer in the strategy's scope.
 
