@@ -162,13 +162,12 @@ class EvalSummaries(keras.callbacks.Callback):
 
     def _evaluate_dev(self, step: int) -> float:
         """Dev mIoU of the EMA network, written to TensorBoard and the log."""
-        confusion = evaluate.confusion_matrix(
+        results = evaluate.evaluate(
             self.model.ema_network,
             self.dev_dataset,
-            num_classes=self.cfg.data.num_classes,
+            class_names=self.info.class_names,
             ignore_label=self.cfg.data.ignore_label,
         )
-        results = evaluate.results_from_confusion(confusion, self.info.class_names)
         with self.writer.as_default(step=step):
             for key, value in results.items():
                 write_scalar(f"dev/{key}", value)

@@ -87,6 +87,17 @@ def results_from_confusion(confusion: np.ndarray, class_names) -> dict[str, floa
     return results
 
 
+def evaluate(
+    network: keras.Model, dataset: tf.data.Dataset, *, class_names, ignore_label: int
+) -> dict[str, float]:
+    """`results_from_confusion` of `confusion_matrix` over the dataset, with
+    one class per name."""
+    confusion = confusion_matrix(
+        network, dataset, num_classes=len(class_names), ignore_label=ignore_label
+    )
+    return results_from_confusion(confusion, class_names)
+
+
 def format_table(results: dict[str, float], class_names) -> str:
     """A per-class IoU table (percent), mIoU last."""
     width = max(len(n) for n in list(class_names) + ["mean IoU"])

@@ -88,13 +88,9 @@ def _check_resumable(cfg: config_lib.Config) -> None:
 def final_evaluation(cfg, network, info, *, step: int, chief: bool) -> dict[str, float]:
     """Full-resolution evaluation of `network`; writes results.txt and predictions."""
     model_dir = cfg.train.model_dir
-    confusion = evaluate.confusion_matrix(
-        network,
-        eval_input(cfg),
-        num_classes=cfg.data.num_classes,
-        ignore_label=cfg.data.ignore_label,
+    results = evaluate.evaluate(
+        network, eval_input(cfg), class_names=info.class_names, ignore_label=cfg.data.ignore_label
     )
-    results = evaluate.results_from_confusion(confusion, info.class_names)
     logging.info(
         "Evaluation of step %d on %s:\n%s",
         step,

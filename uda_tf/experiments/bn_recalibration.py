@@ -74,13 +74,10 @@ def clean_images(data_cfg, num_images: int) -> tf.Tensor:
 
 
 def miou(network, cfg, info) -> float:
-    confusion = evaluate.confusion_matrix(
-        network,
-        eval_input(cfg),
-        num_classes=cfg.data.num_classes,
-        ignore_label=cfg.data.ignore_label,
+    results = evaluate.evaluate(
+        network, eval_input(cfg), class_names=info.class_names, ignore_label=cfg.data.ignore_label
     )
-    return evaluate.results_from_confusion(confusion, info.class_names)["mean_iou"]
+    return results["mean_iou"]
 
 
 def main(argv: list[str]) -> None:
