@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from uda_tf import common, models, train
-from uda_tf.config import TrainConfig, UdaConfig
+from uda_tf.config import UDA_TARGETS, TrainConfig, UdaConfig
 from uda_tf.schedules import build_optimizer
 from uda_tf.uda_model import UdaModel
 
@@ -53,7 +53,7 @@ _MIXED = flags.DEFINE_bool(
     "mixed_precision", False, "As uda_tf.main's: bfloat16 on CPU and TPU, float16 on GPU."
 )
 _TARGET = flags.DEFINE_enum(
-    "uda_target", "shared", ["shared", "inference", "ema"], "Where the UDA target comes from."
+    "uda_target", "shared", list(UDA_TARGETS), "Where the UDA target comes from."
 )
 
 
