@@ -33,7 +33,7 @@ if [ -z "${data_dir}" ]; then
   model_dir=${model_dir:-ckpt/${task_name}_${model_name}_demo}
   export_dir=${model_dir}/export
   if [ ! -d "${demo_data}/gtFine" ]; then
-    python -m uda_tf.fake_cityscapes \
+    python -m uda_tf.data.fake_cityscapes \
       --output_dir=${demo_data} \
       --num_train=32 \
       --num_val=8 \

@@ -1,7 +1,7 @@
 r"""Exported models side by side: file size, CPU latency, agreement with Keras, mIoU.
 
-    python bench/export.py                    # a U-Net trained here on a generated tree
-    python bench/export.py --model_dir=D      # a trained run: its EMA weights, its data
+    python bench/serving.py                    # a U-Net trained here on a generated tree
+    python bench/serving.py --model_dir=D      # a trained run: its EMA weights, its data
 
 Rows: the SavedModel (serving_default, what TF Serving runs) and each TFLite
 variant (float32, float16, int8; float32 and int8 also without the
@@ -11,7 +11,7 @@ time of one image (batch 1) on --num_threads CPU threads, over --repeats runs
 taken in round-robin over the rows, so that each row sees the same load of a
 shared machine. Agreement: the fraction of pixels whose class equals the Keras
 model's. mIoU: over the resized masks. Without --model_dir, a small U-Net is first trained
-(supervised, --train_steps) on a tree of `uda_tf.fake_cityscapes`, so that its
+(supervised, --train_steps) on a tree of `uda_tf.data.fake_cityscapes`, so that its
 logits mean something; its mIoU is that of a briefly trained toy model.
 """
 
@@ -30,8 +30,11 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from uda_tf import common, data, export, export_tflite, fake_cityscapes, metrics, train
+from uda_tf import common, metrics, train
 from uda_tf import config as config_lib
+from uda_tf.data import fake_cityscapes, streams
+from uda_tf.export import saved_model, serving
+from uda_tf.export import tflite as tflite_lib
 from uda_tf.models import build_model_from_config
 
 flags.DEFINE_string("model_dir", None, "A trained run; default: train a small U-Net here.")
@@ -69,7 +72,7 @@ def _train_here(root: str) -> tuple[keras.Model, config_lib.Config]:
             from_logits=True, ignore_class=common.IGNORE_LABEL
         ),
     )
-    batches = data.train_dataset(cfg.data).map(
+    batches = streams.train_dataset(cfg.data).map(
         lambda b: (tf.cast(b[common.IMAGE], tf.float32), b[common.MASK])
     )
     start = time.perf_counter()
@@ -130,7 +133,7 @@ def main(argv: list[str]) -> None:
     else:
         model, cfg = _train_here(root)
     height, width, num_classes = FLAGS.height, FLAGS.width, cfg.data.num_classes
-    images, masks = export_tflite.eval_images(
+    images, masks = tflite_lib.eval_images(
         cfg.data, num_images=FLAGS.num_images, height=height, width=width
     )
     keras_classes = np.argmax(model.predict(images.astype(np.float32), verbose=0), axis=-1)
@@ -138,20 +141,20 @@ def main(argv: list[str]) -> None:
         f"{len(images)} {cfg.data.eval_split} images at {height}x{width}; Keras mIoU "
         f"{100 * _miou(keras_classes, masks, num_classes):.2f} %; {FLAGS.num_threads} thread(s)."
     )
-    path = export.export_saved_model(model, os.path.join(root, "export"))
-    serve = tf.saved_model.load(path).signatures[export.SERVING_DEFAULT]
-    classes = np.concatenate([serve(images=image[None])[export.CLASSES] for image in images])
+    path = saved_model.export_saved_model(model, os.path.join(root, "export"))
+    serve = tf.saved_model.load(path).signatures[serving.SERVING_DEFAULT]
+    classes = np.concatenate([serve(images=image[None])[serving.CLASSES] for image in images])
     name = "SavedModel serving_default"
     rows = [_row(name, _dir_size_mb(path), classes, keras_classes, masks, num_classes)]
     runs = {name: lambda image: serve(images=image[None])}
-    calibration = export_tflite.representative_images(
+    calibration = tflite_lib.representative_images(
         cfg.data, steps=FLAGS.representative_steps, height=height, width=width
     )
-    variants = [(q, True) for q in export_tflite.QUANTIZATIONS]
+    variants = [(q, True) for q in tflite_lib.QUANTIZATIONS]
     variants += [("float32", False), ("int8", False)]
     for quantization, probabilities in variants:
         start = time.perf_counter()
-        content = export_tflite.convert_tflite(
+        content = tflite_lib.convert_tflite(
             model,
             quantization=quantization,
             height=height,
@@ -160,17 +163,17 @@ def main(argv: list[str]) -> None:
             probabilities=probabilities,
         )
         seconds = time.perf_counter() - start
-        interpreter = export_tflite.load_tflite(content, num_threads=FLAGS.num_threads)
-        classes = export_tflite.run_tflite(interpreter, images)[export.CLASSES]
+        interpreter = tflite_lib.load_tflite(content, num_threads=FLAGS.num_threads)
+        classes = tflite_lib.run_tflite(interpreter, images)[serving.CLASSES]
         name = f"TFLite {quantization}" + ("" if probabilities else ", classes only")
         rows.append(_row(name, len(content) / 2**20, classes, keras_classes, masks, num_classes))
-        runner = interpreter.get_signature_runner(export_tflite.SIGNATURE_KEY)
+        runner = interpreter.get_signature_runner(tflite_lib.SIGNATURE_KEY)
         runs[name] = lambda image, runner=runner: runner(images=image[None])
         print(f"Converted {name} in {seconds:.1f} s.")
     latencies = _time_interleaved(runs, images[0])
     for row in rows:
         row["best_ms"], row["median_ms"] = latencies[row["name"]]
-    print(export_tflite.format_table(rows))
+    print(tflite_lib.format_table(rows))
     f32, f16, i8, f32_classes, i8_classes = rows[1:]
     print(
         f"Best-of-{FLAGS.repeats} latency. int8 vs float32 TFLite: "

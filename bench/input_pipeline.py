@@ -4,11 +4,11 @@ r"""Input pipeline throughput: full-size Cityscapes PNGs to training crops.
                                     --crop_height=512 --crop_width=1024 --batch_size=2
                                     --num_batches=12]
 
-Generates a few full-size images (uda_tf.fake_cityscapes) in a temp dir,
+Generates a few full-size images (uda_tf.data.fake_cityscapes) in a temp dir,
 read over and over, then measures in one run (examples/s):
   decode-only, labeled      read + tf.io.decode_png of image and label
   decode-only, unlabeled    read + tf.io.decode_png of the image
-  labeled stream            uda_tf.data: decode, checks, trainIds, scale,
+  labeled stream            uda_tf.data.streams: decode, checks, trainIds, scale,
                             pad, crop, flip
   unlabeled, no RandAugment the ori view (decode, scale, pad, crop, flip)
   unlabeled, RandAugment    ori + the aug view (UDA RandAugment + Cutout)
@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf
 from absl import app, flags
 
-from uda_tf import common, data, fake_cityscapes, readers
+from uda_tf import common
 from uda_tf import config as config_lib
+from uda_tf.data import fake_cityscapes, sources, streams
 
 flags.DEFINE_integer("num_images", 4, "Distinct images generated (read repeatedly).")
 flags.DEFINE_integer("height", 1024, "Image height.")
@@ -55,7 +56,7 @@ def _rate(ds: tf.data.Dataset, batch_size: int, num_batches: int) -> float:
     return rate
 
 
-def _decode_only(source: readers.Source, labeled: bool) -> tf.data.Dataset:
+def _decode_only(source: sources.Source, labeled: bool) -> tf.data.Dataset:
     def decode(x):
         out = {common.IMAGE: tf.io.decode_png(tf.io.read_file(x["image_path"]), channels=3)}
         if labeled:
@@ -66,7 +67,7 @@ def _decode_only(source: readers.Source, labeled: bool) -> tf.data.Dataset:
 
 
 def _stream(source, cfg, fn) -> tf.data.Dataset:
-    return data._stream(source, cfg, common.UNSUP_STREAM, fn).batch(cfg.train_batch_size)
+    return streams._stream(source, cfg, common.UNSUP_STREAM, fn).batch(cfg.train_batch_size)
 
 
 def _no_randaugment(image, mask, *, seed, cfg):
@@ -89,24 +90,24 @@ def main(argv):
             data_dir=tmp, train_batch_size=b, unsup_ratio=1, shuffle_buffer=16,
             crop_height=FLAGS.crop_height, crop_width=FLAGS.crop_width,
         )  # fmt: skip
-        sup_source = readers.labeled_source(cfg, "train")
-        unsup_source = readers.unlabeled_source(cfg)
-        real = data.randaugment_distort
+        sup_source = sources.labeled_source(cfg, "train")
+        unsup_source = sources.unlabeled_source(cfg)
+        real = streams.randaugment_distort
 
         def plain_views(element, *, seed, cfg):
-            data.randaugment_distort = _no_randaugment
+            streams.randaugment_distort = _no_randaugment
             try:  # Traced once, without RandAugment.
-                return data.unlabeled_views(element, seed=seed, cfg=cfg)
+                return streams.unlabeled_views(element, seed=seed, cfg=cfg)
             finally:
-                data.randaugment_distort = real
+                streams.randaugment_distort = real
 
         sup_cfg = dataclasses.replace(cfg, unsup_ratio=0)
         pipelines = {
             "decode-only, labeled": lambda: _decode_only(sup_source, True).batch(b),
             "decode-only, unlabeled": lambda: _decode_only(unsup_source, False).batch(b),
-            "labeled stream": lambda: data.train_dataset(sup_cfg),
+            "labeled stream": lambda: streams.train_dataset(sup_cfg),
             "unlabeled, no RandAugment": lambda: _stream(unsup_source, cfg, plain_views),
-            "unlabeled, RandAugment": lambda: _stream(unsup_source, cfg, data.unlabeled_views),
+            "unlabeled, RandAugment": lambda: _stream(unsup_source, cfg, streams.unlabeled_views),
         }
         samples = {name: [] for name in pipelines}
         for _ in range(FLAGS.rounds):

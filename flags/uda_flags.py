@@ -18,7 +18,7 @@ import dataclasses
 from absl import flags, logging
 
 from uda_tf import config as config_lib
-from uda_tf import readers
+from uda_tf.data import sources
 
 # Defaults that depend on --task_name; they apply to the flags that are not
 # given on the command line. The flag defaults themselves are Cityscapes'.
@@ -182,8 +182,8 @@ def _define_data(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "data_source",
         "auto",
-        list(readers.DATA_SOURCES),
-        "How --data_dir is read (auto: from what it holds; see uda_tf/readers.py).",
+        list(sources.DATA_SOURCES),
+        "How --data_dir is read (auto: from what it holds; see uda_tf/data/sources.py).",
         flag_values=fv,
     )
     flags.DEFINE_bool(
@@ -335,7 +335,7 @@ def _value(flag_values: flags.FlagValues, name: str):
         return TASK_DEFAULTS[task_name][name]
     if name == "num_classes" and task_name == "custom":
         data_cfg = config_lib.DataConfig(task_name="custom", data_dir=flag_values["data_dir"].value)
-        return readers.dataset_info(data_cfg).num_classes
+        return sources.dataset_info(data_cfg).num_classes
     return flag.value
 
 

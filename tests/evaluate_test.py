@@ -11,8 +11,9 @@ import tensorflow as tf
 from absl.testing import parameterized
 from PIL import Image
 
-from uda_tf import cityscapes, common, data, evaluate, fake_cityscapes, readers_base
+from uda_tf import common, evaluate
 from uda_tf import config as config_lib
+from uda_tf.data import base, cityscapes, fake_cityscapes, streams
 
 NUM_CLASSES = cityscapes.NUM_CLASSES
 
@@ -71,7 +72,7 @@ class CityscapesScriptsTest(tf.test.TestCase):
 
     def test_per_class_iou_equals_cityscapesscripts(self):
         network = _random_network(seed=7)
-        dataset = data.eval_dataset(self.data_cfg, split="val")
+        dataset = streams.eval_dataset(self.data_cfg, split="val")
         confusion = evaluate.confusion_matrix(
             network, dataset, num_classes=NUM_CLASSES, ignore_label=255
         )
@@ -83,14 +84,14 @@ class CityscapesScriptsTest(tf.test.TestCase):
             to_label_id[train_id] = label_id
         predict = evaluate.predict_fn(network)
         gt_by_id = {
-            readers_base.example_id(f): f
+            base.example_id(f): f
             for f in glob.glob(os.path.join(self.tmp, "gtFine", "val", "*", "*_labelIds.png"))
         }
         pred_files, gt_files = [], []
         for batch in dataset:
             predictions = predict(batch[common.IMAGE]).numpy()
             for name, prediction in zip(batch[common.FILENAME].numpy(), predictions):
-                example = readers_base.example_id(name.decode())
+                example = base.example_id(name.decode())
                 path = os.path.join(self.tmp, f"{example}_pred.png")
                 Image.fromarray(to_label_id[prediction]).save(path)
                 pred_files.append(path)

@@ -22,9 +22,10 @@ from absl import flags
 from PIL import Image
 
 from flags import uda_flags
-from uda_tf import cityscapes, evaluate, fake_cityscapes, main, train
 from uda_tf import config as config_lib
+from uda_tf import evaluate, main, train
 from uda_tf.callbacks import eval_input
+from uda_tf.data import cityscapes, fake_cityscapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,9 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
 
-from uda_tf import common, data, evaluate, readers
+from uda_tf import common, evaluate
 from uda_tf import config as config_lib
+from uda_tf.data import sources, streams
 from uda_tf.uda_model import TerminateOnNonFiniteLoss
 
 # Dev mIoU along training, a line "<step> <mIoU>" per evaluation (--dev_size).
@@ -198,7 +199,7 @@ def eval_input(
       split: default --eval_split; "dev" is --dev_size images held out of train.
       batch_size: default --eval_batch_size.
     """
-    dataset = data.eval_dataset(cfg.data, split=split or cfg.data.eval_split)
+    dataset = streams.eval_dataset(cfg.data, split=split or cfg.data.eval_split)
     if num_images < 0 and batch_size is None:
         return dataset
     return dataset.unbatch().take(num_images).batch(batch_size or cfg.data.eval_batch_size)
@@ -233,7 +234,7 @@ def training_callbacks(cfg: config_lib.Config, model, manager, *, chief: bool) -
         EvalSummaries(
             cfg,
             eval_writer,
-            info=readers.dataset_info(cfg.data),
+            info=sources.dataset_info(cfg.data),
             vis_batch=vis_batch,
             dev_dataset=dev_dataset,
             dev_log_path=os.path.join(model_dir, DEV_LOG_FILE) if chief else None,

@@ -5,7 +5,7 @@ Element format (what every reader yields, before batching):
              ignore), FILENAME: string []}
   unlabeled: {IMAGE: uint8 [H, W, 3], FILENAME: string []}
 
-Training batch (what `uda_tf.data.train_dataset` yields, one dict per step):
+Training batch (what `uda_tf.data.streams.train_dataset` yields, one dict per step):
   IMAGE         uint8   [B, h, w, 3]   labeled crops
   MASK          uint8   [B, h, w]      their trainIds
   ORI_IMAGE     uint8   [rB, h, w, 3]  unlabeled crops (only if unsup_ratio > 0)

@@ -29,11 +29,11 @@ class DataConfig:
 
     task_name: str = "cityscapes"
     data_dir: str | None = None
-    # auto | folder | tfrecord | tfds | camvid | simple (see uda_tf/readers.py)
+    # auto | folder | tfrecord | tfds | camvid | simple (see uda_tf/data/sources.py)
     data_source: str = "auto"
     sup_size: int = -1
     # The original preprocess.py's flag: balance the labeled subset over
-    # groups (Cityscapes cities, CamVid sequences); see uda_tf/readers_base.py.
+    # groups (Cityscapes cities, CamVid sequences); see uda_tf/data/base.py.
     use_equal_split: bool = False
     unsup_ratio: int = 0
     # Add leftImg8bit_trainextra to the unlabeled pool (Cityscapes only).

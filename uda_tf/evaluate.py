@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from uda_tf import common, metrics, readers_base
+from uda_tf import common, metrics
+from uda_tf.data import base
 
 # One tf.function per network, so that repeated evaluations do not retrace.
 _PREDICT_FNS = weakref.WeakKeyDictionary()
@@ -155,7 +156,7 @@ def panel(image: np.ndarray, prediction: np.ndarray, mask: np.ndarray, palette) 
 
 def _stem(filename) -> str:
     name = filename.decode() if isinstance(filename, bytes) else str(filename)
-    return readers_base.example_id(name) or "image"
+    return base.example_id(name) or "image"
 
 
 def write_predictions(

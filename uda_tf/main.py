@@ -20,9 +20,10 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from flags import uda_flags
-from uda_tf import callbacks, common, evaluate, readers, train
+from uda_tf import callbacks, common, evaluate, train
 from uda_tf import config as config_lib
 from uda_tf.callbacks import eval_input
+from uda_tf.data import sources
 
 RESULTS_FILE = "results.txt"
 PREDICTIONS_DIR = "predictions"
@@ -37,7 +38,7 @@ def _check_data(cfg: config_lib.Config):
       ValueError: --num_classes differs from the dataset's, or a crop is larger
         than the (first evaluation) image.
     """
-    info = readers.check_num_classes(cfg.data)
+    info = sources.check_num_classes(cfg.data)
     if not cfg.train.do_train:
         return info
     first = next(iter(eval_input(cfg, 1, batch_size=1)))
@@ -158,8 +159,8 @@ def _prepare(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     logging.info("Config:\n%s", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     info = _check_data(cfg)
     if chief and cfg.train.do_train:
-        readers.write_file_list(
-            os.path.join(cfg.train.model_dir, LABELED_FILES), readers.labeled_filenames(cfg.data)
+        sources.write_file_list(
+            os.path.join(cfg.train.model_dir, LABELED_FILES), sources.labeled_filenames(cfg.data)
         )
     return cfg, info, chief
 

@@ -27,8 +27,9 @@ import tensorflow as tf
 from absl import logging
 
 from uda_tf import config as config_lib
-from uda_tf import data, models, schedules
+from uda_tf import models, schedules
 from uda_tf.callbacks import training_callbacks
+from uda_tf.data import streams
 from uda_tf.uda_model import UdaModel
 
 FLAGS_FILE = "FLAGS.json"
@@ -213,10 +214,10 @@ def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     stream (stateless per-example seeds) and keeps its replicas' parts.
     """
     if strategy.num_replicas_in_sync == 1:
-        return data.train_dataset(cfg.data)
+        return streams.train_dataset(cfg.data)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        dataset = data.train_dataset(cfg.data)
+        dataset = streams.train_dataset(cfg.data)
         dataset = dataset.map(lambda b: _replica_batches(b, ctx)).unbatch()
         return dataset.prefetch(tf.data.AUTOTUNE)
 

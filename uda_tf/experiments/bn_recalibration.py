@@ -20,8 +20,9 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from uda_tf import common, data, evaluate, readers, train
+from uda_tf import common, evaluate, train
 from uda_tf.callbacks import eval_input
+from uda_tf.data import sources, streams
 
 
 def bn_layers(network: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -67,8 +68,8 @@ def recalibrate(network: keras.Model, images: tf.Tensor) -> int:
 
 def clean_images(data_cfg, num_images: int) -> tf.Tensor:
     """float32 [n, H, W, 3]: the first `num_images` unlabeled train images, resized."""
-    source = readers.unlabeled_source(data_cfg)
-    ds = source.elements().map(lambda e: data.resize_element(e, data_cfg.resize_factor))
+    source = sources.unlabeled_source(data_cfg)
+    ds = source.elements().map(lambda e: streams.resize_element(e, data_cfg.resize_factor))
     images = [e[common.IMAGE] for e in ds.take(num_images)]
     return tf.cast(tf.stack(images), tf.float32)
 
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> None:
         run_cfg = dataclasses.replace(
             run_cfg, data=dataclasses.replace(run_cfg.data, data_dir=cfg.data_dir)
         )
-    info = readers.check_num_classes(run_cfg.data)
+    info = sources.check_num_classes(run_cfg.data)
     network = train.load_inference_model(cfg.model_dir)
     before = miou(network, run_cfg, info)
     count = recalibrate(network, clean_images(run_cfg.data, cfg.num_images))

@@ -14,9 +14,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from uda_tf import config as config_lib
-from uda_tf import readers_base
-from uda_tf import readers_decode as rd
-from uda_tf.readers_base import Source
+from uda_tf.data import base
+from uda_tf.data import decode as rd
+from uda_tf.data.base import Source
 
 LABELED = "semantic_segmentation"
 EXTRA = "semantic_segmentation_extra"
@@ -65,7 +65,7 @@ def labeled_source(cfg: config_lib.DataConfig, split: str, label_map: rd.LabelMa
     """The labeled Source of `split` (train = the labeled subset, dev, val).
 
     With sup_size or dev_size the TFDS split is read once to list its ids,
-    then filtered to the shared selection (readers_base); otherwise
+    then filtered to the shared selection (base.py); otherwise
     `filenames` stays empty (listing would read the whole split).
     """
     if split not in _SPLITS:
@@ -95,7 +95,7 @@ def labeled_source(cfg: config_lib.DataConfig, split: str, label_map: rd.LabelMa
     if not whole:  # Lists the split's ids once (reads the split).
         ids = raw.map(lambda x: _filename(x["image_id"], split_dir)).as_numpy_iterator()
         all_names = [n.decode() for n in ids]
-        keep = readers_base.split_subset(all_names, split, cfg, f"TFDS cityscapes {split}")
+        keep = base.split_subset(all_names, split, cfg, f"TFDS cityscapes {split}")
         table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keep, tf.ones([len(keep)], tf.int32)), 0
         )

@@ -1,11 +1,12 @@
-"""Tests of uda_tf/cityscapes.py against the official cityscapesscripts table."""
+"""Tests of uda_tf/data/cityscapes.py against the official cityscapesscripts table."""
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from cityscapesscripts.helpers import labels as cs_labels
 
-from uda_tf import cityscapes, common
+from uda_tf import common
+from uda_tf.data import cityscapes
 
 
 def _official_train_id(label) -> int:

@@ -21,8 +21,8 @@ import os
 
 import tensorflow as tf
 
-from uda_tf import readers_decode as rd
-from uda_tf.readers_base import Source
+from uda_tf.data import decode as rd
+from uda_tf.data.base import Source
 
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"

@@ -1,4 +1,4 @@
-"""Tests of `python -m uda_tf.preprocess`: folder -> TFRecords, lossless."""
+"""Tests of `python -m uda_tf.data.preprocess`: folder -> TFRecords, lossless."""
 
 import glob
 import json
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from uda_tf import config as config_lib
-from uda_tf import fake_cityscapes, preprocess, readers, readers_tfrecord
+from uda_tf.data import base, fake_cityscapes, preprocess, sources, tfrecord
 
 _ROOT = None
 
@@ -64,7 +64,7 @@ class PreprocessTest(tf.test.TestCase):
     def test_sup_records_are_lossless_and_list_the_chosen_files(self):
         out = self._out()
         preprocess.run(_flags(output_base_dir=out, sup_size=3, dev_size=2, seed=5))
-        info = readers_tfrecord.read_info(out)
+        info = tfrecord.read_info(out)
         self.assertEqual(info["task_name"], "cityscapes")
         self.assertEqual(
             {k: v["num_examples"] for k, v in info["sets"].items()},
@@ -72,29 +72,29 @@ class PreprocessTest(tf.test.TestCase):
         )
         self.assertLen(glob.glob(os.path.join(out, "train-size_3.tfrecord-*-of-00002")), 2)
         cfg = config_lib.DataConfig(data_dir=os.path.join(_ROOT, "cs"), seed=5, sup_size=3)
-        chosen = readers.labeled_filenames(cfg)
-        listed = readers.readers_base.read_file_list(os.path.join(out, "train-size_3.txt"))
+        chosen = sources.labeled_filenames(cfg)
+        listed = base.read_file_list(os.path.join(out, "train-size_3.txt"))
         self.assertEqual(listed, chosen)
-        dev = readers.readers_base.read_file_list(os.path.join(out, "dev-size_2.txt"))
+        dev = base.read_file_list(os.path.join(out, "dev-size_2.txt"))
         self.assertEmpty(set(dev) & set(chosen))
         for name in ("train-size_3", "dev-size_2", "val"):
             records = _records(out, name)
-            listed = readers.readers_base.read_file_list(os.path.join(out, f"{name}.txt"))
-            self.assertEqual([r[readers_tfrecord.IMAGE_FILENAME].decode() for r in records], listed)
+            listed = base.read_file_list(os.path.join(out, f"{name}.txt"))
+            self.assertEqual([r[tfrecord.IMAGE_FILENAME].decode() for r in records], listed)
             for r in records:
-                image = os.path.join(_ROOT, "cs", r[readers_tfrecord.IMAGE_FILENAME].decode())
-                label = os.path.join(_ROOT, "cs", r[readers_tfrecord.LABEL_FILENAME].decode())
-                self.assertEqual(r[readers_tfrecord.IMAGE_ENCODED], _file_bytes(image))
-                self.assertEqual(r[readers_tfrecord.LABEL_ENCODED], _file_bytes(label))
+                image = os.path.join(_ROOT, "cs", r[tfrecord.IMAGE_FILENAME].decode())
+                label = os.path.join(_ROOT, "cs", r[tfrecord.LABEL_FILENAME].decode())
+                self.assertEqual(r[tfrecord.IMAGE_ENCODED], _file_bytes(image))
+                self.assertEqual(r[tfrecord.LABEL_ENCODED], _file_bytes(label))
                 self.assertTrue(label.endswith("_gtFine_labelIds.png"))
 
     def test_reading_the_records_back_gives_the_folder_elements(self):
         out = self._out()
         preprocess.run(_flags(output_base_dir=out, sup_size=4))
         cfg = config_lib.DataConfig(data_dir=os.path.join(_ROOT, "cs"), sup_size=4)
-        folder = list(readers.labeled_source(cfg, "train").elements().as_numpy_iterator())
+        folder = list(sources.labeled_source(cfg, "train").elements().as_numpy_iterator())
         rec_cfg = config_lib.DataConfig(data_dir=out, sup_size=4)
-        records = list(readers.labeled_source(rec_cfg, "train").elements().as_numpy_iterator())
+        records = list(sources.labeled_source(rec_cfg, "train").elements().as_numpy_iterator())
         self.assertLen(records, 4)
         for a, b in zip(folder, records):
             for key in a:
@@ -103,18 +103,18 @@ class PreprocessTest(tf.test.TestCase):
     def test_unsup_records(self):
         out = self._out()
         preprocess.run(_flags(output_base_dir=out, data_type="unsup", use_train_extra=True))
-        sets = readers_tfrecord.read_info(out)["sets"]
+        sets = tfrecord.read_info(out)["sets"]
         self.assertEqual(sets["unsup"]["num_examples"], 7)
         self.assertEqual(sets["unsup_extra"]["num_examples"], 3)
         for r in _records(out, "unsup") + _records(out, "unsup_extra"):
-            self.assertNotIn(readers_tfrecord.LABEL_ENCODED, r)
-            name = r[readers_tfrecord.IMAGE_FILENAME].decode()
+            self.assertNotIn(tfrecord.LABEL_ENCODED, r)
+            name = r[tfrecord.IMAGE_FILENAME].decode()
             if "/train_extra/" in name:
                 extra_root = os.path.join(_ROOT, "cs", "leftImg8bit_trainextra")
                 path = os.path.join(extra_root, name)
             else:
                 path = os.path.join(_ROOT, "cs", name)
-            self.assertEqual(r[readers_tfrecord.IMAGE_ENCODED], _file_bytes(path))
+            self.assertEqual(r[tfrecord.IMAGE_ENCODED], _file_bytes(path))
 
     def test_offline_aug_copies_are_refused(self):
         with self.assertRaisesRegex(ValueError, "--aug_copy=2 .*online"):
@@ -141,23 +141,23 @@ class PreprocessTest(tf.test.TestCase):
         preprocess.run(_flags(output_base_dir=out, raw_data_dir=root, task_name="custom"))
         self.assertTrue(os.path.exists(os.path.join(out, "dataset.json")))
         cfg = config_lib.DataConfig(data_dir=out, task_name="custom", num_classes=2)
-        element = next(iter(readers.labeled_source(cfg, "val").elements()))
+        element = next(iter(sources.labeled_source(cfg, "val").elements()))
         self.assertAllEqual(element["mask"], tf.ones([32, 64], tf.uint8))
         with self.assertRaisesRegex(ValueError, "holds task 'custom'"):
-            readers.labeled_source(config_lib.DataConfig(data_dir=out), "val")
+            sources.labeled_source(config_lib.DataConfig(data_dir=out), "val")
 
     @pytest.mark.slow  # A subprocess importing TensorFlow: ~8 s on 2 cores.
     def test_command_line(self):
         out = self._out()
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         result = subprocess.run(
-            [sys.executable, "-m", "uda_tf.preprocess", f"--raw_data_dir={os.path.join(_ROOT, 'cs')}",
+            [sys.executable, "-m", "uda_tf.data.preprocess", f"--raw_data_dir={os.path.join(_ROOT, 'cs')}",
              f"--output_base_dir={out}", "--sup_size=2", "--task_name=cityscapes"],
             cwd=repo, capture_output=True, text=True, check=False,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
         )  # fmt: skip
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        self.assertEqual(sorted(readers_tfrecord.read_info(out)["sets"]), ["train-size_2", "val"])
+        self.assertEqual(sorted(tfrecord.read_info(out)["sets"]), ["train-size_2", "val"])
 
 
 if __name__ == "__main__":

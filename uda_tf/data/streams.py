@@ -29,8 +29,9 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from augment import randaugment, seeds
-from uda_tf import common, readers
+from uda_tf import common
 from uda_tf import config as config_lib
+from uda_tf.data import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -282,7 +283,7 @@ def resize_element(element: dict[str, tf.Tensor], factor: float) -> dict[str, tf
     return out
 
 
-def _stream(source: readers.Source, cfg: config_lib.DataConfig, stream_id: int, fn, **kwargs):
+def _stream(source: sources.Source, cfg: config_lib.DataConfig, stream_id: int, fn, **kwargs):
     """Shuffled, repeated, enumerated, decoded and mapped examples of one stream."""
     # Each stream shuffles with its own seed, so that the labeled and the
     # unlabeled streams do not visit the same images in the same order.
@@ -303,15 +304,15 @@ def train_dataset(cfg: config_lib.DataConfig) -> tf.data.Dataset:
     Raises:
       ValueError: bad flags or bad input files (naming them), before training.
     """
-    readers.check_num_classes(cfg)
-    sup_source = readers.labeled_source(cfg, "train")
+    sources.check_num_classes(cfg)
+    sup_source = sources.labeled_source(cfg, "train")
     sup = _stream(
         sup_source, cfg, common.SUP_STREAM, labeled_crop, label_table=sup_source.label_table
     )
     sup = sup.batch(cfg.train_batch_size, drop_remainder=True)
     if cfg.unsup_ratio == 0:
         return sup.prefetch(AUTOTUNE)
-    unsup_source = readers.unlabeled_source(cfg)
+    unsup_source = sources.unlabeled_source(cfg)
     unsup = _stream(unsup_source, cfg, common.UNSUP_STREAM, unlabeled_views)
     unsup = unsup.batch(cfg.unsup_ratio * cfg.train_batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(sup, unsup).map(lambda a, b: {**a, **b})
@@ -327,8 +328,8 @@ def eval_dataset(cfg: config_lib.DataConfig, split: str = "val") -> tf.data.Data
       Images of different sizes are padded to the largest of their batch
       (image with 0, mask with the ignore label).
     """
-    readers.check_num_classes(cfg)
-    ds = readers.labeled_source(cfg, split).elements()
+    sources.check_num_classes(cfg)
+    ds = sources.labeled_source(cfg, split).elements()
     if cfg.resize_factor != 1.0:
         ds = ds.map(lambda e: resize_element(e, cfg.resize_factor), num_parallel_calls=AUTOTUNE)
     padding = {

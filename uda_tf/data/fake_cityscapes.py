@@ -1,6 +1,6 @@
 r"""Writes a small synthetic dataset in the official Cityscapes folder layout.
 
-    python -m uda_tf.fake_cityscapes --output_dir=/tmp/fake_cityscapes
+    python -m uda_tf.data.fake_cityscapes --output_dir=/tmp/fake_cityscapes
 
 gives, with real Cityscapes labelIds (void ids included: ego vehicle at the
 bottom, unlabeled borders and patches, static objects):

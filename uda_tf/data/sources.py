@@ -4,9 +4,9 @@
     unlabeled: {IMAGE: uint8 [H, W, 3], FILENAME: string}
 
 `--data_source` (DataConfig.data_source) picks the reader:
-  folder    the official Cityscapes tree (uda_tf/readers_folder.py)
-  tfrecord  records of `python -m uda_tf.preprocess` (readers_tfrecord.py)
-  tfds      TFDS cityscapes from the official zips (readers_tfds.py)
+  folder    the official Cityscapes tree (uda_tf/data/folder.py)
+  tfrecord  records of `python -m uda_tf.data.preprocess` (tfrecord.py)
+  tfds      TFDS cityscapes from the official zips (tfds_source.py)
   simple    {split}.txt, {split}/images, {split}/labels, unlabeled/ and a
             dataset.json declaring the classes (your own data)
   camvid    CamVid in the SegNet layout: the simple layout, built-in classes
@@ -14,9 +14,9 @@
 
 What label values mean follows --task_name: Cityscapes labelIds (mapped to
 the 19 trainIds), CamVid ids (11 = void), or the dataset.json declaration.
-The labeled subset (--sup_size) is chosen in readers_base.py, the same way
+The labeled subset (--sup_size) is chosen in base.py, the same way
 for every source. Bad input raises a ValueError naming the file when the
-dataset is built (see readers_decode.py), before any training step.
+dataset is built (see decode.py), before any training step.
 """
 
 import dataclasses
@@ -25,10 +25,10 @@ import os
 
 import tensorflow as tf
 
-from uda_tf import cityscapes, readers_base, readers_folder, readers_tfds, readers_tfrecord
 from uda_tf import config as config_lib
-from uda_tf import readers_decode as rd
-from uda_tf.readers_base import Source, select_dev, select_labeled  # noqa: F401 (re-exported)
+from uda_tf.data import base, cityscapes, folder, tfds_source, tfrecord
+from uda_tf.data import decode as rd
+from uda_tf.data.base import Source, select_dev, select_labeled  # noqa: F401 (re-exported)
 
 DATA_SOURCES = ("auto", "folder", "tfrecord", "tfds", "camvid", "simple")
 DECLARATION_FILE = "dataset.json"
@@ -195,17 +195,17 @@ def resolve_data_source(cfg: config_lib.DataConfig) -> str:
         def has(*names):
             return all(tf.io.gfile.exists(os.path.join(data_dir, n)) for n in names)
 
-        if has(readers_tfrecord.INFO_FILE):
+        if has(tfrecord.INFO_FILE):
             source = "tfrecord"
         elif has("leftImg8bit", "gtFine"):
             source = "folder"
         elif has(DECLARATION_FILE) or has("train", "train.txt") or has("train/images"):
             source = "camvid" if cfg.task_name == "camvid" else "simple"
-        elif has(readers_tfds.ZIPS[readers_tfds.LABELED][0]) or has("cityscapes"):
+        elif has(tfds_source.ZIPS[tfds_source.LABELED][0]) or has("cityscapes"):
             source = "tfds"
         else:
             raise ValueError(
-                f"--data_dir={data_dir}: found no {readers_tfrecord.INFO_FILE}, no "
+                f"--data_dir={data_dir}: found no {tfrecord.INFO_FILE}, no "
                 "leftImg8bit/ + gtFine/, no train/images/ and no Cityscapes zips; set "
                 "--data_source or see the README's 'Your own data'."
             )
@@ -222,9 +222,9 @@ def labeled_pairs(cfg: config_lib.DataConfig, split: str) -> list[rd.Pair]:
     source = resolve_data_source(cfg)
     listing = "train" if split == "dev" else split
     if source == "folder":
-        return readers_folder.cityscapes_pairs(cfg.data_dir, listing)
+        return folder.cityscapes_pairs(cfg.data_dir, listing)
     if source in ("simple", "camvid"):
-        return readers_folder.simple_pairs(cfg.data_dir, listing)
+        return folder.simple_pairs(cfg.data_dir, listing)
     raise ValueError(f"--data_source={source} has no image folders to list.")
 
 
@@ -232,16 +232,14 @@ def unlabeled_images(cfg: config_lib.DataConfig) -> list[tuple[str, str]]:
     """(path, FILENAME) of the unlabeled pool of a folder-type source."""
     source = resolve_data_source(cfg)
     if source == "folder":
-        return readers_folder.cityscapes_unlabeled(
-            cfg.data_dir, cfg.use_train_extra, cfg.unlabeled_dir
-        )
+        return folder.cityscapes_unlabeled(cfg.data_dir, cfg.use_train_extra, cfg.unlabeled_dir)
     if source in ("simple", "camvid"):
         if cfg.use_train_extra:
             raise ValueError(
                 f"--use_train_extra is for Cityscapes; with --data_source={source} put extra "
                 "images in --unlabeled_dir."
             )
-        return readers_folder.simple_unlabeled(cfg.data_dir, cfg.unlabeled_dir)
+        return folder.simple_unlabeled(cfg.data_dir, cfg.unlabeled_dir)
     raise ValueError(f"--data_source={source} has no image folders to list.")
 
 
@@ -270,19 +268,19 @@ def labeled_source(cfg: config_lib.DataConfig, split: str = "train") -> Source:
     source = resolve_data_source(cfg)
     lmap = label_map(cfg)
     if source == "tfrecord":
-        return readers_tfrecord.labeled_source(cfg, split, lmap)
+        return tfrecord.labeled_source(cfg, split, lmap)
     if source == "tfds":
-        return readers_tfds.labeled_source(cfg, split, lmap)
+        return tfds_source.labeled_source(cfg, split, lmap)
     pairs = labeled_pairs(cfg, split)
     what = f"{cfg.data_dir} ({'train' if split == 'dev' else split})"
     if not pairs:
         raise ValueError(f"No labeled images in {what}.")
-    keep = set(readers_base.split_subset([p.filename for p in pairs], split, cfg, what))
+    keep = set(base.split_subset([p.filename for p in pairs], split, cfg, what))
     pairs = [p for p in pairs if p.filename in keep]
     rd.scan_pairs(pairs)
     if source != "folder":
         rd.scan_label_values(pairs, lmap)
-    return readers_folder.pairs_source(pairs, lmap)
+    return folder.pairs_source(pairs, lmap)
 
 
 def unlabeled_source(cfg: config_lib.DataConfig) -> Source:
@@ -293,16 +291,16 @@ def unlabeled_source(cfg: config_lib.DataConfig) -> Source:
     """
     source = resolve_data_source(cfg)
     if source == "tfrecord":
-        return readers_tfrecord.unlabeled_source(cfg)
+        return tfrecord.unlabeled_source(cfg)
     if source == "tfds":
-        return readers_tfds.unlabeled_source(cfg)
+        return tfds_source.unlabeled_source(cfg)
     images = unlabeled_images(cfg)
     if not images:
         raise ValueError(
             f"--unsup_ratio={cfg.unsup_ratio} needs unlabeled images; none in {cfg.data_dir}."
         )
     rd.scan_images([p for p, _ in images])
-    return readers_folder.images_source(images)
+    return folder.images_source(images)
 
 
 def labeled_filenames(cfg: config_lib.DataConfig) -> list[str]:
@@ -314,4 +312,4 @@ def labeled_filenames(cfg: config_lib.DataConfig) -> list[str]:
     return sorted(labeled_source(cfg, "train").filenames)
 
 
-write_file_list = readers_base.write_file_list
+write_file_list = base.write_file_list

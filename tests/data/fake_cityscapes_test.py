@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from uda_tf import cityscapes, fake_cityscapes
+from uda_tf.data import cityscapes, fake_cityscapes
 
 _H, _W = 64, 128
 
@@ -130,9 +130,9 @@ class FakeCityscapesTest(tf.test.TestCase):
 
     def test_command_line(self):
         out = self._new_dir()
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         subprocess.run(
-            [sys.executable, "-m", "uda_tf.fake_cityscapes", f"--output_dir={out}",
+            [sys.executable, "-m", "uda_tf.data.fake_cityscapes", f"--output_dir={out}",
              "--num_train=2", "--num_val=1", "--num_extra=1", "--height=32", "--width=64"],
             cwd=repo, check=True, capture_output=True,
         )  # fmt: skip

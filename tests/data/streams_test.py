@@ -1,4 +1,4 @@
-"""Tests of uda_tf/data.py: crops (goldens, alignment), streams, seeds, eval."""
+"""Tests of uda_tf/data/streams.py: crops (goldens, alignment), streams, seeds, eval."""
 
 import dataclasses
 import os
@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
-from uda_tf import common, data, fake_cityscapes, preprocess, readers
+from uda_tf import common
 from uda_tf import config as config_lib
+from uda_tf.data import fake_cityscapes, preprocess, sources, streams
 
 _ROOT = None
 _MEAN = np.array(common.MEAN_RGB_UINT8, np.uint8)
@@ -71,18 +72,18 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters("bilinear", "nearest")
     def test_scale_one_is_a_slice_and_flip_reverses(self, interpolation):
         params = _params((2, 3), (12, 16), (12, 16))
-        out = data.apply_crop(
+        out = streams.apply_crop(
             self.image, params, crop_size=(12, 16), interpolation=interpolation, fill=0
         )
         self.assertAllEqual(out, self.image[2:14, 3:19])
         params["flip"] = tf.constant(True)
-        out = data.apply_crop(
+        out = streams.apply_crop(
             self.image, params, crop_size=(12, 16), interpolation=interpolation, fill=0
         )
         self.assertAllEqual(out, self.image[2:14, 3:19][:, ::-1])
 
     def test_nearest_upscale_by_two_repeats_pixels(self):
-        out = data.apply_crop(
+        out = streams.apply_crop(
             self.image, _params((1, 2), (5, 6), (10, 12)), crop_size=(10, 12),
             interpolation="nearest", fill=0,
         )  # fmt: skip
@@ -90,7 +91,7 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(out, window.repeat(2, 0).repeat(2, 1))
 
     def test_bilinear_downscale_by_two_averages_blocks(self):
-        out = data.apply_crop(
+        out = streams.apply_crop(
             self.image, _params((0, 0), (20, 30), (10, 15)), crop_size=(10, 15),
             interpolation="bilinear", fill=0,
         )  # fmt: skip
@@ -100,10 +101,10 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
     def test_padding_is_filled_and_reported(self):
         # The whole image scaled to 10x15, placed at (3, 4) in a 16x24 crop.
         params = _params((0, 0), (20, 30), (10, 15), dst_offset=(3, 4), flip=True)
-        out = data.apply_crop(
+        out = streams.apply_crop(
             self.image, params, crop_size=(16, 24), interpolation="bilinear", fill=(1, 2, 3)
         ).numpy()
-        valid = data.crop_valid(params, (16, 24)).numpy()
+        valid = streams.crop_valid(params, (16, 24)).numpy()
         expected_valid = np.zeros((16, 24), bool)
         expected_valid[3:13, 4:19] = True
         self.assertAllEqual(valid, expected_valid[:, ::-1])
@@ -114,7 +115,7 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters(range(4))
     def test_matches_tf_image_resize_of_the_window(self, seed):
         crop = (16, 24)
-        params = data.sample_crop_params(
+        params = streams.sample_crop_params(
             tf.constant([20, 30]), seed=tf.constant([seed, 1]), crop_size=crop,
             min_scale=0.4, max_scale=2.0,
         )  # fmt: skip
@@ -122,7 +123,9 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
         (y, x), (h, w), (dy, dx) = p["src_offset"], p["src_size"], p["dst_offset"]
         window = self.image[y : y + h, x : x + w]
         for method in ("bilinear", "nearest"):
-            out = data.apply_crop(self.image, params, crop_size=crop, interpolation=method, fill=0)
+            out = streams.apply_crop(
+                self.image, params, crop_size=crop, interpolation=method, fill=0
+            )
             ref = tf.image.resize(window, p["out_size"], method=method).numpy()
             canvas = np.zeros(crop + (3,), np.uint8)
             oh, ow = p["out_size"]
@@ -135,7 +138,7 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
         size, crop = (64, 128), (48, 80)
         scales = []
         for i in range(40):
-            p = data.sample_crop_params(
+            p = streams.sample_crop_params(
                 tf.constant(size), seed=tf.constant([i, 7]), crop_size=crop,
                 min_scale=0.5, max_scale=2.0,
             )  # fmt: skip
@@ -150,7 +153,7 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_same_seed_same_params_other_seed_differs(self):
         def draw(s):
-            p = data.sample_crop_params(
+            p = streams.sample_crop_params(
                 tf.constant([64, 128]), seed=tf.constant(s), crop_size=(48, 80),
                 min_scale=0.5, max_scale=2.0,
             )  # fmt: skip
@@ -175,7 +178,7 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
             stored = np.where(mask == 255, 255, mask + 100).astype(np.uint8)
         num_padded = 0
         for i in range(12):
-            out = data.labeled_crop(
+            out = streams.labeled_crop(
                 {common.IMAGE: image, common.MASK: stored}, seed=tf.constant([i, 3]), cfg=cfg,
                 label_table=table, image_interpolation="nearest",
             )  # fmt: skip
@@ -192,15 +195,15 @@ class CropTest(tf.test.TestCase, parameterized.TestCase):
 class StreamTest(tf.test.TestCase, parameterized.TestCase):
     def setUp(self):
         super().setUp()
-        self.real = data.randaugment_distort
-        data.randaugment_distort = _fake_distort
+        self.real = streams.randaugment_distort
+        streams.randaugment_distort = _fake_distort
 
     def tearDown(self):
-        data.randaugment_distort = self.real
+        streams.randaugment_distort = self.real
         super().tearDown()
 
     def test_supervised_only_stream(self):
-        batch = _batches(data.train_dataset(_cfg()), 1)[0]
+        batch = _batches(streams.train_dataset(_cfg()), 1)[0]
         self.assertCountEqual(batch.keys(), [common.IMAGE, common.MASK])
         self.assertEqual(batch[common.IMAGE].shape, (2, 48, 80, 3))
         self.assertEqual(batch[common.IMAGE].dtype, np.uint8)
@@ -208,7 +211,7 @@ class StreamTest(tf.test.TestCase, parameterized.TestCase):
         self.assertContainsSubset(np.unique(batch[common.MASK]), list(range(19)) + [255])
 
     def test_uda_stream(self):
-        batch = _batches(data.train_dataset(_cfg(unsup_ratio=2, min_scale=0.3)), 1)[0]
+        batch = _batches(streams.train_dataset(_cfg(unsup_ratio=2, min_scale=0.3)), 1)[0]
         self.assertCountEqual(
             batch.keys(),
             [common.IMAGE, common.MASK, common.ORI_IMAGE, common.ORI_VALID, common.AUG_IMAGE,
@@ -229,9 +232,9 @@ class StreamTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_same_seed_same_batches_other_seed_differs(self):
         cfg = _cfg(unsup_ratio=1)
-        a = _batches(data.train_dataset(cfg), 3)
-        b = _batches(data.train_dataset(cfg), 3)
-        c = _batches(data.train_dataset(dataclasses.replace(cfg, seed=1)), 3)
+        a = _batches(streams.train_dataset(cfg), 3)
+        b = _batches(streams.train_dataset(cfg), 3)
+        c = _batches(streams.train_dataset(dataclasses.replace(cfg, seed=1)), 3)
         for x, y in zip(a, b):
             for key in x:
                 self.assertAllEqual(x[key], y[key])
@@ -242,61 +245,63 @@ class StreamTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_eager_and_tf_data_agree(self):
         cfg = _cfg()
-        source = readers.labeled_source(cfg, "train")
+        source = sources.labeled_source(cfg, "train")
         element = next(iter(source.elements()))
         seed = tf.constant([4, 5], tf.int64)
-        eager = data.labeled_crop(element, seed=seed, cfg=cfg)
+        eager = streams.labeled_crop(element, seed=seed, cfg=cfg)
         mapped = next(
-            iter(source.elements().map(lambda e: data.labeled_crop(e, seed=seed, cfg=cfg)))
+            iter(source.elements().map(lambda e: streams.labeled_crop(e, seed=seed, cfg=cfg)))
         )
         for key in eager:
             self.assertAllEqual(eager[key], mapped[key])
 
     def test_sup_randaugment_moves_image_and_mask_together(self):
         cfg = _cfg(sup_randaugment=True)
-        element = next(iter(readers.labeled_source(cfg, "train").elements()))
+        element = next(iter(sources.labeled_source(cfg, "train").elements()))
         seed = tf.constant([4, 5], tf.int64)
-        plain = data.labeled_crop(
+        plain = streams.labeled_crop(
             element, seed=seed, cfg=dataclasses.replace(cfg, sup_randaugment=False)
         )
-        augmented = data.labeled_crop(element, seed=seed, cfg=cfg)
+        augmented = streams.labeled_crop(element, seed=seed, cfg=cfg)
         self.assertAllEqual(augmented[common.MASK], np.roll(plain[common.MASK], 1, axis=1))
         self.assertAllEqual(augmented[common.IMAGE], np.roll(255 - plain[common.IMAGE], 1, axis=1))
 
     def test_tfrecord_stream_equals_folder_stream(self):
-        a = _batches(data.train_dataset(_cfg(sup_size=3)), 2)
-        b = _batches(data.train_dataset(_cfg(sup_size=3, data_dir=os.path.join(_ROOT, "rec"))), 2)
+        a = _batches(streams.train_dataset(_cfg(sup_size=3)), 2)
+        b = _batches(
+            streams.train_dataset(_cfg(sup_size=3, data_dir=os.path.join(_ROOT, "rec"))), 2
+        )
         for x, y in zip(a, b):
             for key in x:
                 self.assertAllEqual(x[key], y[key])
 
     def test_eval_dataset(self):
         cfg = _cfg()
-        batches = list(data.eval_dataset(cfg).as_numpy_iterator())
+        batches = list(streams.eval_dataset(cfg).as_numpy_iterator())
         self.assertEqual([len(b[common.FILENAME]) for b in batches], [2, 1])
         self.assertEqual(batches[0][common.IMAGE].shape, (2, 64, 128, 3))
         self.assertEqual(batches[0][common.MASK].shape, (2, 64, 128))
         names = [n.decode() for b in batches for n in b[common.FILENAME]]
         self.assertEqual(names, sorted(names))
-        elements = list(readers.labeled_source(cfg, "val").elements().as_numpy_iterator())
+        elements = list(sources.labeled_source(cfg, "val").elements().as_numpy_iterator())
         self.assertAllEqual(batches[0][common.MASK][1], elements[1][common.MASK])
-        again = list(data.eval_dataset(cfg).as_numpy_iterator())
+        again = list(streams.eval_dataset(cfg).as_numpy_iterator())
         self.assertAllEqual(again[1][common.IMAGE], batches[1][common.IMAGE])
 
     def test_bad_flags_fail_before_training(self):
         with self.assertRaisesRegex(ValueError, "--sup_size=9 is larger than the 5"):
-            data.train_dataset(_cfg(sup_size=9))
+            streams.train_dataset(_cfg(sup_size=9))
         with self.assertRaisesRegex(ValueError, "--num_classes=11"):
-            data.train_dataset(_cfg(num_classes=11))
+            streams.train_dataset(_cfg(num_classes=11))
         with self.assertRaisesRegex(ValueError, "No TFRecord set \\['unsup'\\]"):
-            data.train_dataset(_cfg(unsup_ratio=1, data_dir=os.path.join(_ROOT, "rec")))
+            streams.train_dataset(_cfg(unsup_ratio=1, data_dir=os.path.join(_ROOT, "rec")))
 
 
 class RandAugmentTest(tf.test.TestCase):
     @pytest.mark.slow  # Tracing the 15-op policy takes ~10 s on 2 cores.
     def test_the_real_aug_view(self):
         cfg = _cfg(unsup_ratio=1, train_batch_size=1)
-        batch = _batches(data.train_dataset(cfg), 1)[0]
+        batch = _batches(streams.train_dataset(cfg), 1)[0]
         self.assertEqual(batch[common.AUG_IMAGE].shape, (1, 48, 80, 3))
         self.assertEqual(batch[common.AUG_IMAGE].dtype, np.uint8)
         self.assertEqual(batch[common.AUG_TRANSFORM].shape, (1, 8))
@@ -309,14 +314,14 @@ class ResizeElementTest(tf.test.TestCase):
         labels = np.arange(12, dtype=np.uint8).reshape(3, 4) % 7
         mask = np.kron(labels, np.ones((2, 2), np.uint8))  # [6, 8]
         image = np.full((6, 8, 3), (200, 30, 7), np.uint8)
-        out = data.resize_element({common.IMAGE: image, common.MASK: mask}, 0.5)
+        out = streams.resize_element({common.IMAGE: image, common.MASK: mask}, 0.5)
         self.assertEqual(out[common.MASK].dtype, tf.uint8)
         self.assertAllEqual(out[common.MASK], labels)
         self.assertAllEqual(out[common.IMAGE], np.full((3, 4, 3), (200, 30, 7), np.uint8))
 
     def test_factor_one_is_the_identity(self):
         element = {common.IMAGE: np.zeros((5, 7, 3), np.uint8)}
-        self.assertIs(data.resize_element(element, 1.0), element)
+        self.assertIs(streams.resize_element(element, 1.0), element)
 
 
 if __name__ == "__main__":

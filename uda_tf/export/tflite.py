@@ -33,11 +33,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from uda_tf import common, data, export
+from uda_tf import common
 from uda_tf import config as config_lib
+from uda_tf.data import streams
+from uda_tf.export import serving
 
 QUANTIZATIONS = ("float32", "float16", "int8")
-SIGNATURE_KEY = export.SERVING_DEFAULT
+SIGNATURE_KEY = serving.SERVING_DEFAULT
 
 
 def check_quantization(quantization: str) -> None:
@@ -87,8 +89,8 @@ def convert_tflite(
     archive.track(model)
     archive.add_endpoint(
         name=SIGNATURE_KEY,
-        fn=lambda images: _outputs(export.serve_images(model, images), probabilities),
-        input_signature=[tf.TensorSpec([1, height, width, 3], tf.uint8, name=export.IMAGES)],
+        fn=lambda images: _outputs(serving.serve_images(model, images), probabilities),
+        input_signature=[tf.TensorSpec([1, height, width, 3], tf.uint8, name=serving.IMAGES)],
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
         archive.write_out(tmp_dir, verbose=False)
@@ -99,7 +101,7 @@ def convert_tflite(
         elif quantization == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.representative_dataset = lambda: ({export.IMAGES: x} for x in calibration)
+            converter.representative_dataset = lambda: ({serving.IMAGES: x} for x in calibration)
         with warnings.catch_warnings():
             # The calibrator still instantiates the deprecated tf.lite.Interpreter.
             warnings.simplefilter("ignore", UserWarning)
@@ -109,7 +111,7 @@ def convert_tflite(
 def _outputs(outputs: dict[str, tf.Tensor], probabilities: bool) -> dict[str, tf.Tensor]:
     if probabilities:
         return outputs
-    return {export.CLASSES: outputs[export.CLASSES]}
+    return {serving.CLASSES: outputs[serving.CLASSES]}
 
 
 def _calibration_images(
@@ -168,14 +170,14 @@ def run_tflite(
     if isinstance(tflite_model, (bytes, bytearray, str, os.PathLike)):
         interpreter = load_tflite(tflite_model, num_threads=num_threads)
     runner = interpreter.get_signature_runner(SIGNATURE_KEY)
-    expected = tuple(runner.get_input_details()[export.IMAGES]["shape"][1:])
+    expected = tuple(runner.get_input_details()[serving.IMAGES]["shape"][1:])
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
         raise ValueError(
             f"TFLite input: expected uint8 images [N, {expected[0]}, {expected[1]}, 3], "
             f"got {images.dtype} {images.shape}."
         )
-    outputs = [runner(**{export.IMAGES: image[None]}) for image in images]
+    outputs = [runner(**{serving.IMAGES: image[None]}) for image in images]
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
@@ -186,11 +188,11 @@ def tflite_latency(interpreter, image: np.ndarray, *, repeats: int = 5) -> float
     other processes inflate least.
     """
     runner = interpreter.get_signature_runner(SIGNATURE_KEY)
-    runner(**{export.IMAGES: image[None]})
+    runner(**{serving.IMAGES: image[None]})
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        runner(**{export.IMAGES: image[None]})
+        runner(**{serving.IMAGES: image[None]})
         times.append(time.perf_counter() - start)
     return float(np.min(times))
 
@@ -239,7 +241,7 @@ def compare_tflite(
             len(tflite_model) if isinstance(tflite_model, bytes) else os.path.getsize(tflite_model)
         )
         interpreter = load_tflite(tflite_model, num_threads=num_threads)
-        classes = run_tflite(interpreter, images)[export.CLASSES]
+        classes = run_tflite(interpreter, images)[serving.CLASSES]
         rows.append(
             {
                 "name": name,
@@ -286,7 +288,7 @@ def representative_images(
     """
     # Crops at the TFLite size, with the run's scale augmentation.
     cfg = dataclasses.replace(cfg, unsup_ratio=0, crop_height=height, crop_width=width)
-    dataset = data.train_dataset(cfg)
+    dataset = streams.train_dataset(cfg)
     batches = [
         resize_images(batch[common.IMAGE].numpy(), height, width) for batch in dataset.take(steps)
     ]
@@ -310,7 +312,7 @@ def eval_images(
       images uint8 [n, height, width, 3], masks uint8 [n, height, width].
     """
     images, masks, count = [], [], 0
-    for batch in data.eval_dataset(cfg, cfg.eval_split):
+    for batch in streams.eval_dataset(cfg, cfg.eval_split):
         images.append(resize_images(batch[common.IMAGE].numpy(), height, width))
         masks.append(resize_masks(batch[common.MASK].numpy(), height, width))
         count += len(images[-1])

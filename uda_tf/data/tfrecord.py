@@ -1,4 +1,4 @@
-"""TFRecords written by `python -m uda_tf.preprocess`, and their reader.
+"""TFRecords written by `python -m uda_tf.data.preprocess`, and their reader.
 
 Output directory (the reader's --data_dir):
     {set}.tfrecord-{i:05d}-of-{n:05d}   shards of tf.train.Example
@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 import tensorflow as tf
 
 from uda_tf import config as config_lib
-from uda_tf import readers_base
-from uda_tf import readers_decode as rd
-from uda_tf.readers_base import Source
+from uda_tf.data import base
+from uda_tf.data import decode as rd
+from uda_tf.data.base import Source
 
 INFO_FILE = "tfrecords.json"
 IMAGE_ENCODED = "image/encoded"
@@ -99,7 +99,7 @@ def write_set(
         with tf.io.TFRecordWriter(path) as writer:
             for _ in range(min(examples_per_shard, len(filenames) - i * examples_per_shard)):
                 writer.write(next(records))
-    readers_base.write_file_list(os.path.join(output_dir, f"{name}.txt"), filenames)
+    base.write_file_list(os.path.join(output_dir, f"{name}.txt"), filenames)
     info = read_info(output_dir, missing_ok=True)
     info.setdefault("sets", {})[name] = {**meta, "num_examples": len(filenames)}
     with tf.io.gfile.GFile(os.path.join(output_dir, INFO_FILE), "w") as f:
@@ -113,7 +113,9 @@ def read_info(data_dir: str, missing_ok: bool = False) -> dict:
     if not tf.io.gfile.exists(path):
         if missing_ok:
             return {}
-        raise ValueError(f"{path} not found: write the records with `python -m uda_tf.preprocess`.")
+        raise ValueError(
+            f"{path} not found: write the records with `python -m uda_tf.data.preprocess`."
+        )
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
 
@@ -126,7 +128,7 @@ def _shards(data_dir: str, name: str) -> list[str]:
 
 
 def _set_source(data_dir: str, name: str, decode, buffer: int) -> Source:
-    filenames = readers_base.read_file_list(os.path.join(data_dir, f"{name}.txt"))
+    filenames = base.read_file_list(os.path.join(data_dir, f"{name}.txt"))
     raw = tf.data.TFRecordDataset(_shards(data_dir, name), buffer_size=8 << 20)
     return Source(
         raw, decode, len(filenames), min(buffer, max(len(filenames), 1)), tuple(filenames)
@@ -202,7 +204,7 @@ def labeled_source(cfg: config_lib.DataConfig, split: str, label_map: rd.LabelMa
 
     Uses `train-size_{sup_size}` / `dev-size_{dev_size}` when they were written
     with the same seed and split mode, else filters `train-full` with the
-    shared selection (readers_base), so every reader picks the same images.
+    shared selection (base.py), so every reader picks the same images.
 
     Raises:
       ValueError: the records' task differs from --task_name, or no set holds
@@ -236,11 +238,11 @@ def labeled_source(cfg: config_lib.DataConfig, split: str, label_map: rd.LabelMa
     if split in ("train", "dev") and "train-full" in sets:
         full = dataclasses.replace(_set_source(data_dir, "train-full", decode, buffer), **extras)
         what = f"{data_dir}/train-full"
-        return _filtered(full, readers_base.split_subset(full.filenames, split, cfg, what))
+        return _filtered(full, base.split_subset(full.filenames, split, cfg, what))
     raise ValueError(
         f"No TFRecord set for split {split!r} in {data_dir} (wanted {exact!r} written with "
         f"--seed={cfg.seed} --use_equal_split={cfg.use_equal_split}, or 'train-full'); "
-        f"found {sorted(sets)}. Run `python -m uda_tf.preprocess` with these flags."
+        f"found {sorted(sets)}. Run `python -m uda_tf.data.preprocess` with these flags."
     )
 
 
@@ -257,7 +259,7 @@ def unlabeled_source(cfg: config_lib.DataConfig) -> Source:
     if missing:
         raise ValueError(
             f"No TFRecord set {missing} in {data_dir} for the unlabeled stream: run "
-            "`python -m uda_tf.preprocess --data_type=unsup` (with --use_train_extra for "
+            "`python -m uda_tf.data.preprocess --data_type=unsup` (with --use_train_extra for "
             "unsup_extra)."
         )
     decode = _unlabeled_decode(data_dir)

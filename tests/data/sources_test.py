@@ -14,12 +14,13 @@ import tensorflow as tf
 from absl.testing import parameterized
 from PIL import Image
 
-from uda_tf import cityscapes, common, fake_cityscapes, preprocess, readers, readers_tfds
+from uda_tf import common
 from uda_tf import config as config_lib
-from uda_tf import readers_decode as rd
+from uda_tf.data import cityscapes, fake_cityscapes, preprocess, sources, tfds_source
+from uda_tf.data import decode as rd
 
 CAMVID_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared", "data",
     "camvid_240x180",
 )  # fmt: skip
 _ROOT = None  # Set by setUpModule.
@@ -51,7 +52,7 @@ def _cfg(**kwargs) -> config_lib.DataConfig:
     return config_lib.DataConfig(**kwargs)
 
 
-def _elements(source: readers.Source) -> dict:
+def _elements(source: sources.Source) -> dict:
     return {e[common.FILENAME].decode(): e for e in source.elements().as_numpy_iterator()}
 
 
@@ -78,7 +79,7 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         return path
 
     def test_folder_reader_finds_exactly_the_files_and_reads_them(self):
-        source = readers.labeled_source(_cfg(), "train")
+        source = sources.labeled_source(_cfg(), "train")
         self.assertEqual(list(source.filenames), _TRAIN_NAMES)
         elements = _elements(source)
         self.assertEqual(sorted(elements), _TRAIN_NAMES)
@@ -88,12 +89,12 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
             self.assertAllEqual(e[common.IMAGE], _read_png(path))
             self.assertEqual(e[common.MASK].dtype, np.uint8)
             self.assertAllEqual(e[common.MASK], table[_read_png(_label_of(path))])
-        self.assertLen(readers.labeled_source(_cfg(), "val").filenames, 3)
+        self.assertLen(sources.labeled_source(_cfg(), "val").filenames, 3)
 
     def test_unlabeled_pool(self):
-        plain = readers.unlabeled_source(_cfg())
+        plain = sources.unlabeled_source(_cfg())
         self.assertEqual(sorted(plain.filenames), _TRAIN_NAMES)
-        extra = readers.unlabeled_source(_cfg(use_train_extra=True))
+        extra = sources.unlabeled_source(_cfg(use_train_extra=True))
         self.assertLen(extra.filenames, 10)
         self.assertLen([n for n in extra.filenames if "/train_extra/" in n], 4)
         element = next(iter(extra.elements()))
@@ -102,9 +103,9 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters("train", "val")
     def test_tfrecord_and_folder_readers_yield_identical_elements(self, split):
-        folder = _elements(readers.labeled_source(_cfg(), split))
+        folder = _elements(sources.labeled_source(_cfg(), split))
         records = _elements(
-            readers.labeled_source(_cfg(data_dir=os.path.join(_ROOT, "rec")), split)
+            sources.labeled_source(_cfg(data_dir=os.path.join(_ROOT, "rec")), split)
         )
         self.assertEqual(sorted(records), sorted(folder))
         for name in folder:
@@ -112,24 +113,24 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
                 self.assertAllEqual(records[name][key], folder[name][key])
 
     def test_tfrecord_unlabeled_equals_folder_unlabeled(self):
-        folder = _elements(readers.unlabeled_source(_cfg(use_train_extra=True)))
+        folder = _elements(sources.unlabeled_source(_cfg(use_train_extra=True)))
         rec_cfg = _cfg(data_dir=os.path.join(_ROOT, "rec"), use_train_extra=True)
-        records = _elements(readers.unlabeled_source(rec_cfg))
+        records = _elements(sources.unlabeled_source(rec_cfg))
         self.assertEqual(sorted(records), sorted(folder))
         for name in folder:
             self.assertAllEqual(records[name][common.IMAGE], folder[name][common.IMAGE])
-        plain = readers.unlabeled_source(dataclasses.replace(rec_cfg, use_train_extra=False))
+        plain = sources.unlabeled_source(dataclasses.replace(rec_cfg, use_train_extra=False))
         self.assertLen(plain.filenames, 6)
 
     @parameterized.parameters((2, 0, False), (4, 1, False), (3, 0, True))
     def test_every_reader_picks_the_same_labeled_subset(self, sup_size, seed, equal):
         cfg = _cfg(sup_size=sup_size, seed=seed, use_equal_split=equal)
-        chosen = readers.select_labeled(_TRAIN_NAMES, sup_size, seed, equal)
+        chosen = sources.select_labeled(_TRAIN_NAMES, sup_size, seed, equal)
         self.assertLen(chosen, sup_size)
-        self.assertEqual(readers.labeled_filenames(cfg), chosen)
+        self.assertEqual(sources.labeled_filenames(cfg), chosen)
         # TFRecords holding train-full are filtered to the same subset.
         rec = dataclasses.replace(cfg, data_dir=os.path.join(_ROOT, "rec"))
-        source = readers.labeled_source(rec, "train")
+        source = sources.labeled_source(rec, "train")
         self.assertEqual(sorted(source.filenames), chosen)
         self.assertEqual(sorted(_elements(source)), chosen)
 
@@ -137,46 +138,46 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         names = [
             f"leftImg8bit/train/c{i % 3}/c{i % 3}_{i:06d}_000019_leftImg8bit.png" for i in range(30)
         ]
-        small = readers.select_labeled(names, 6, seed=0)
-        large = readers.select_labeled(names, 12, seed=0)
+        small = sources.select_labeled(names, 6, seed=0)
+        large = sources.select_labeled(names, 12, seed=0)
         self.assertLen(set(small), 6)
         self.assertContainsSubset(small, large)  # Nested sizes.
-        self.assertEqual(small, readers.select_labeled(list(reversed(names)), 6, seed=0))
-        self.assertNotEqual(small, readers.select_labeled(names, 6, seed=1))
-        self.assertEqual(readers.select_labeled(names, -1, seed=0), sorted(names))
-        equal = readers.select_labeled(names, 6, seed=0, equal_split=True)
+        self.assertEqual(small, sources.select_labeled(list(reversed(names)), 6, seed=0))
+        self.assertNotEqual(small, sources.select_labeled(names, 6, seed=1))
+        self.assertEqual(sources.select_labeled(names, -1, seed=0), sorted(names))
+        equal = sources.select_labeled(names, 6, seed=0, equal_split=True)
         cities = [n.split("/")[2] for n in equal]
         self.assertEqual(sorted(cities), ["c0", "c0", "c1", "c1", "c2", "c2"])
-        dev = readers.select_dev(names, 5, seed=0)
-        labeled = readers.select_labeled(names, -1, seed=0, dev_size=5)
+        dev = sources.select_dev(names, 5, seed=0)
+        labeled = sources.select_labeled(names, -1, seed=0, dev_size=5)
         self.assertLen(dev, 5)
         self.assertLen(labeled, 25)
         self.assertEmpty(set(dev) & set(labeled))
-        self.assertEqual(readers.select_labeled(names, 6, seed=0, dev_size=5), small)
+        self.assertEqual(sources.select_labeled(names, 6, seed=0, dev_size=5), small)
         with self.assertRaisesRegex(ValueError, "--sup_size=31 is larger than the 30"):
-            readers.select_labeled(names, 31, seed=0)
+            sources.select_labeled(names, 31, seed=0)
 
     def test_dev_split_is_read_from_train(self):
         cfg = _cfg(dev_size=2)
-        dev = readers.labeled_source(cfg, "dev").filenames
-        train = readers.labeled_source(cfg, "train").filenames
+        dev = sources.labeled_source(cfg, "dev").filenames
+        train = sources.labeled_source(cfg, "train").filenames
         self.assertLen(dev, 2)
         self.assertLen(train, 4)
         self.assertEqual(sorted(dev + train), _TRAIN_NAMES)
 
     def test_auto_detection(self):
-        self.assertEqual(readers.resolve_data_source(_cfg()), "folder")
+        self.assertEqual(sources.resolve_data_source(_cfg()), "folder")
         self.assertEqual(
-            readers.resolve_data_source(_cfg(data_dir=os.path.join(_ROOT, "rec"))), "tfrecord"
+            sources.resolve_data_source(_cfg(data_dir=os.path.join(_ROOT, "rec"))), "tfrecord"
         )
         empty = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, empty)
         with self.assertRaisesRegex(ValueError, empty):
-            readers.resolve_data_source(_cfg(data_dir=empty))
+            sources.resolve_data_source(_cfg(data_dir=empty))
         with self.assertRaisesRegex(ValueError, "--data_source='zip'"):
-            readers.resolve_data_source(_cfg(data_source="zip"))
+            sources.resolve_data_source(_cfg(data_source="zip"))
         with self.assertRaisesRegex(ValueError, "does not fit --task_name=camvid"):
-            readers.resolve_data_source(_cfg(data_source="folder", task_name="camvid"))
+            sources.resolve_data_source(_cfg(data_source="folder", task_name="camvid"))
 
     def _simple_tree(self) -> str:
         """The fake train/val split in the simple layout, with trainId labels."""
@@ -212,25 +213,25 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
     def test_simple_layout(self):
         root = self._simple_tree()
         cfg = _cfg(data_dir=root, task_name="custom")
-        self.assertEqual(readers.resolve_data_source(cfg), "simple")
-        source = readers.labeled_source(cfg, "train")
+        self.assertEqual(sources.resolve_data_source(cfg), "simple")
+        source = sources.labeled_source(cfg, "train")
         self.assertLen(source.filenames, 6)
         for name, e in _elements(source).items():
             self.assertTrue(name.startswith("train/images/"), name)
             stored = _read_png(os.path.join(root, name.replace("/images/", "/labels/")))
             self.assertAllEqual(e[common.MASK], stored)
-        unlabeled = readers.unlabeled_source(cfg).filenames
+        unlabeled = sources.unlabeled_source(cfg).filenames
         self.assertLen(unlabeled, 8)
         self.assertIn("unlabeled/more/u0.png", unlabeled)
-        info = readers.dataset_info(cfg)
+        info = sources.dataset_info(cfg)
         self.assertEqual(info.class_names, cityscapes.CLASS_NAMES)
-        self.assertEqual(info.palette, readers.default_palette(19))
+        self.assertEqual(info.palette, sources.default_palette(19))
         self.assertEqual(info.ignore_label, 255)
 
     def test_simple_layout_without_list_files(self):
         root = self._simple_tree()
         os.remove(os.path.join(root, "train.txt"))
-        source = readers.labeled_source(_cfg(data_dir=root, task_name="custom"), "train")
+        source = sources.labeled_source(_cfg(data_dir=root, task_name="custom"), "train")
         self.assertLen(source.filenames, 6)
 
     def test_declaration_errors(self):
@@ -245,32 +246,32 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
             with open(path, "w") as f:
                 json.dump(decl, f)
             with self.assertRaisesRegex(ValueError, f"{path}.*{message}"):
-                readers.dataset_info(cfg)
+                sources.dataset_info(cfg)
         with open(path, "w") as f:
             json.dump({"class_names": ["a", "b", "c"], "ignore_label": 9}, f)
         with self.assertRaisesRegex(ValueError, "--num_classes=19 but --task_name=custom has 3"):
-            readers.check_num_classes(cfg)
+            sources.check_num_classes(cfg)
         # Labels hold class ids 0..18 and 255: with 3 classes, 3..18 and 255 are errors.
         with self.assertRaisesRegex(
             ValueError, r"train/labels/.*label values \[.*\] are not allowed"
         ):
-            readers.labeled_source(dataclasses.replace(cfg, num_classes=3), "train")
+            sources.labeled_source(dataclasses.replace(cfg, num_classes=3), "train")
         os.remove(path)
         with self.assertRaisesRegex(ValueError, "dataset.json not found"):
-            readers.dataset_info(cfg)
+            sources.dataset_info(cfg)
 
     def test_camvid(self):
         if not os.path.isdir(CAMVID_DIR):
             self.skipTest(f"{CAMVID_DIR} is absent.")
         cfg = _cfg(data_dir=CAMVID_DIR, task_name="camvid", num_classes=11)
-        self.assertEqual(readers.resolve_data_source(cfg), "camvid")
-        self.assertLen(readers.labeled_pairs(cfg, "train"), 367)
-        val = readers.labeled_source(cfg, "val")  # Scans every val label's values.
+        self.assertEqual(sources.resolve_data_source(cfg), "camvid")
+        self.assertLen(sources.labeled_pairs(cfg, "train"), 367)
+        val = sources.labeled_source(cfg, "val")  # Scans every val label's values.
         self.assertLen(val.filenames, 101)
         element = next(iter(val.elements()))
         self.assertEqual(element[common.IMAGE].shape, (180, 240, 3))
         self.assertContainsSubset(np.unique(element[common.MASK]), list(range(11)) + [255])
-        info = readers.check_num_classes(cfg)
+        info = sources.check_num_classes(cfg)
         self.assertEqual((info.num_classes, info.class_names[0]), (11, "sky"))
 
     def test_tfds_without_zips_names_the_directory_and_the_zips(self):
@@ -281,9 +282,9 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         self.addCleanup(shutil.rmtree, empty)
         cfg = _cfg(data_dir=empty, data_source="tfds")
         with self.assertRaisesRegex(ValueError, f"{empty}.*leftImg8bit_trainvaltest.zip.*gtFine"):
-            readers.labeled_source(cfg, "train")
+            sources.labeled_source(cfg, "train")
         with self.assertRaisesRegex(ValueError, "leftImg8bit_trainextra.zip"):
-            readers_tfds.builder(cfg, readers_tfds.EXTRA)
+            tfds_source.builder(cfg, tfds_source.EXTRA)
 
     @pytest.mark.slow  # Full-size (1024x2048) images and a TFDS preparation: ~30 s.
     def test_tfds_from_zips(self):
@@ -302,31 +303,31 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
                 val, os.path.join(src, kind, "test", "berlin", "berlin_000000_000019" + suffix)
             )
         os.makedirs(zips)
-        for kind, name in zip(("leftImg8bit", "gtFine"), readers_tfds.ZIPS[readers_tfds.LABELED]):
+        for kind, name in zip(("leftImg8bit", "gtFine"), tfds_source.ZIPS[tfds_source.LABELED]):
             with zipfile.ZipFile(os.path.join(zips, name), "w", zipfile.ZIP_STORED) as z:
                 for path in glob.glob(os.path.join(src, kind, "*", "*", "*")):
                     z.write(path, os.path.relpath(path, src))
         cfg = _cfg(data_dir=zips, sup_size=2)
-        self.assertEqual(readers.resolve_data_source(cfg), "tfds")
-        source = readers.labeled_source(cfg, "train")
-        folder = _elements(readers.labeled_source(_cfg(data_dir=src, sup_size=2), "train"))
+        self.assertEqual(sources.resolve_data_source(cfg), "tfds")
+        source = sources.labeled_source(cfg, "train")
+        folder = _elements(sources.labeled_source(_cfg(data_dir=src, sup_size=2), "train"))
         self.assertEqual(sorted(source.filenames), sorted(folder))
         tfds_elements = _elements(source)
         self.assertEqual(sorted(tfds_elements), sorted(folder))
         for name, e in tfds_elements.items():
             self.assertAllEqual(e[common.IMAGE], folder[name][common.IMAGE])
             self.assertAllEqual(e[common.MASK], folder[name][common.MASK])
-        self.assertEqual(readers.labeled_source(cfg, "val").num_examples, 1)
+        self.assertEqual(sources.labeled_source(cfg, "val").num_examples, 1)
 
     # ------------------------------------------------------------ bad input
 
     def test_missing_root_and_split(self):
         with self.assertRaisesRegex(ValueError, "/no/such/dir"):
-            readers.labeled_source(_cfg(data_dir="/no/such/dir"), "train")
+            sources.labeled_source(_cfg(data_dir="/no/such/dir"), "train")
         root = self._copy_tree()
         shutil.rmtree(os.path.join(root, "gtFine", "val"))
         with self.assertRaisesRegex(ValueError, os.path.join(root, "gtFine", "val")):
-            readers.labeled_source(_cfg(data_dir=root), "val")
+            sources.labeled_source(_cfg(data_dir=root), "val")
 
     def test_image_without_label_and_label_without_image(self):
         root = self._copy_tree()
@@ -334,13 +335,13 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         image = _image_of(label)
         os.rename(label, label + ".bak")
         with self.assertRaises(ValueError) as ctx:
-            readers.labeled_source(_cfg(data_dir=root), "train")
+            sources.labeled_source(_cfg(data_dir=root), "train")
         self.assertIn(image, str(ctx.exception))
         self.assertIn("have no *_gtFine_labelIds.png", str(ctx.exception))
         os.rename(label + ".bak", label)
         os.remove(image)
         with self.assertRaises(ValueError) as ctx:
-            readers.labeled_source(_cfg(data_dir=root), "train")
+            sources.labeled_source(_cfg(data_dir=root), "train")
         self.assertIn(label, str(ctx.exception))
 
     @parameterized.named_parameters(
@@ -369,7 +370,7 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         else:
             Image.open(path).resize((64, 32), Image.NEAREST).save(path)
         with self.assertRaises(ValueError) as ctx:
-            readers.labeled_source(_cfg(data_dir=root), "train")
+            sources.labeled_source(_cfg(data_dir=root), "train")
         self.assertRegex(str(ctx.exception), message)
         self.assertIn(path, str(ctx.exception))
 
@@ -381,7 +382,7 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         values = _read_png(label).copy()
         values[3, 4] = 40
         Image.fromarray(values).save(label)
-        source = readers.labeled_source(_cfg(data_dir=root), "train")
+        source = sources.labeled_source(_cfg(data_dir=root), "train")
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, f"{label}.*label values.*40"):
             list(source.elements())
 
@@ -395,22 +396,22 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_sup_size_too_large(self):
         with self.assertRaisesRegex(ValueError, "--sup_size=7 is larger than the 6 labeled"):
-            readers.labeled_source(_cfg(sup_size=7), "train")
+            sources.labeled_source(_cfg(sup_size=7), "train")
 
     def test_no_unlabeled_images(self):
         empty = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, empty)
         with self.assertRaisesRegex(ValueError, f"{empty} holds no .png"):
-            readers.unlabeled_source(_cfg(unlabeled_dir=empty, unsup_ratio=1))
+            sources.unlabeled_source(_cfg(unlabeled_dir=empty, unsup_ratio=1))
         records = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, records)
         preprocess.preprocess_sup(_cfg(), records)
         with self.assertRaisesRegex(ValueError, "No TFRecord set \\['unsup'\\]"):
-            readers.unlabeled_source(_cfg(data_dir=records, unsup_ratio=1))
+            sources.unlabeled_source(_cfg(data_dir=records, unsup_ratio=1))
         root = self._copy_tree()
         shutil.rmtree(os.path.join(root, "leftImg8bit_trainextra"))
         with self.assertRaisesRegex(ValueError, "--use_train_extra"):
-            readers.unlabeled_source(_cfg(data_dir=root, use_train_extra=True))
+            sources.unlabeled_source(_cfg(data_dir=root, use_train_extra=True))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 r"""Converts a dataset folder to TFRecords, as the original image/preprocess.py.
 
-    python -m uda_tf.preprocess --task_name=cityscapes --data_type=sup \
+    python -m uda_tf.data.preprocess --task_name=cityscapes --data_type=sup \
       --sup_size=372 --raw_data_dir=data/cityscapes --output_base_dir=data/proc/cityscapes
-    python -m uda_tf.preprocess --task_name=cityscapes --data_type=unsup \
+    python -m uda_tf.data.preprocess --task_name=cityscapes --data_type=unsup \
       --raw_data_dir=data/cityscapes --output_base_dir=data/proc/cityscapes
 
 --data_type=sup writes the labeled subset (`train-size_{sup_size}`, or
 `train-full` for -1) with the list of its files (`train-size_{N}.txt`: the
-choice of readers_base.select_labeled, the same as the folder reader's for
+choice of base.select_labeled, the same as the folder reader's for
 the same --sup_size/--seed/--use_equal_split), the dev split
 (`dev-size_{dev_size}`) if asked, and `val`. --data_type=unsup writes the
 unlabeled pool: `unsup` (every train image, labels dropped, plus
@@ -27,9 +27,9 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from uda_tf import config as config_lib
-from uda_tf import readers, readers_base
-from uda_tf import readers_decode as rd
-from uda_tf import readers_tfrecord as rt
+from uda_tf.data import base, sources
+from uda_tf.data import decode as rd
+from uda_tf.data import tfrecord as rt
 
 
 def _meta(cfg: config_lib.DataConfig) -> dict:
@@ -67,19 +67,19 @@ def preprocess_sup(cfg: config_lib.DataConfig, output_dir: str, per_shard: int =
     Raises:
       ValueError: on bad input files or sizes, before writing anything.
     """
-    train = readers.labeled_pairs(cfg, "train")
+    train = sources.labeled_pairs(cfg, "train")
     what = f"{cfg.data_dir} (train)"
     by_name = {p.filename: p for p in train}
-    chosen = readers_base.split_subset(list(by_name), "train", cfg, what)
+    chosen = base.split_subset(list(by_name), "train", cfg, what)
     sets = [(rt.labeled_set_name(cfg.sup_size), [by_name[n] for n in chosen])]
     if cfg.dev_size > 0:
-        dev = readers_base.split_subset(list(by_name), "dev", cfg, what)
+        dev = base.split_subset(list(by_name), "dev", cfg, what)
         sets.append((f"dev-size_{cfg.dev_size}", [by_name[n] for n in dev]))
-    sets.append(("val", readers.labeled_pairs(cfg, "val")))
+    sets.append(("val", sources.labeled_pairs(cfg, "val")))
     for _, pairs in sets:  # Check every file before writing any record.
         rd.scan_pairs(pairs)
-        if readers.resolve_data_source(cfg) != "folder":
-            rd.scan_label_values(pairs, readers.label_map(cfg))
+        if sources.resolve_data_source(cfg) != "folder":
+            rd.scan_label_values(pairs, sources.label_map(cfg))
     _check_task(output_dir, cfg.task_name)
     _copy_declaration(cfg, output_dir)
     for name, pairs in sets:
@@ -94,11 +94,11 @@ def preprocess_unsup(cfg: config_lib.DataConfig, output_dir: str, per_shard: int
       ValueError: on bad input files, before writing anything.
     """
     meta = {"use_train_extra": cfg.use_train_extra}
-    base = readers.unlabeled_images(dataclasses.replace(cfg, use_train_extra=False))
+    base = sources.unlabeled_images(dataclasses.replace(cfg, use_train_extra=False))
     sets = [("unsup", base)]
     if cfg.use_train_extra:
         known = {n for _, n in base}
-        extra = [(p, n) for p, n in readers.unlabeled_images(cfg) if n not in known]
+        extra = [(p, n) for p, n in sources.unlabeled_images(cfg) if n not in known]
         sets.append(("unsup_extra", extra))
     for _, images in sets:
         rd.scan_images([p for p, _ in images])
@@ -110,11 +110,11 @@ def preprocess_unsup(cfg: config_lib.DataConfig, output_dir: str, per_shard: int
 
 
 def _copy_declaration(cfg: config_lib.DataConfig, output_dir: str) -> None:
-    source = os.path.join(cfg.data_dir, readers.DECLARATION_FILE)
+    source = os.path.join(cfg.data_dir, sources.DECLARATION_FILE)
     if cfg.task_name == "custom":
-        readers.load_declaration(cfg.data_dir)  # Validates it.
+        sources.load_declaration(cfg.data_dir)  # Validates it.
         tf.io.gfile.makedirs(output_dir)
-        tf.io.gfile.copy(source, os.path.join(output_dir, readers.DECLARATION_FILE), True)
+        tf.io.gfile.copy(source, os.path.join(output_dir, sources.DECLARATION_FILE), True)
 
 
 def _set_task(output_dir: str, task_name: str) -> None:
