@@ -204,8 +204,17 @@ def _define_data(fv: flags.FlagValues) -> None:
     flags.DEFINE_float(
         "resize_factor",
         1.0,
-        "Resize every image and mask by this factor when read, for training and "
-        "evaluation (a cheaper, lower-resolution task); 1 = full resolution.",
+        "Resize every image and mask by this factor when read (a cheaper, lower-resolution "
+        "task); evaluation resizes the network's input only (see --eval_at_stored_size). "
+        "1 = full resolution.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "eval_at_stored_size",
+        True,
+        "With --resize_factor != 1, score predictions at the labels' stored size (logits "
+        "resized bilinearly, then argmax); false scores against resized masks (the smaller "
+        "task's score).",
         flag_values=fv,
     )
     flags.DEFINE_integer(

@@ -4,16 +4,19 @@ import glob
 import os
 import shutil
 import tempfile
+import types
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 from PIL import Image
 
-from uda_tf import common, evaluate
+from flags import uda_flags
+from uda_tf import callbacks, common, evaluate, main
 from uda_tf import config as config_lib
-from uda_tf.data import base, cityscapes, fake_cityscapes, streams
+from uda_tf.data import base, cityscapes, fake_cityscapes, sources, streams
 
 NUM_CLASSES = cityscapes.NUM_CLASSES
 
@@ -184,6 +187,159 @@ class ResultsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(panel[:, :16], images[1])
         self.assertAllEqual(panel[:, 16:32], evaluate.colorize(expected[1], palette))
         self.assertAllEqual(panel[:, 32:], np.zeros([8, 16, 3]))
+
+
+# A CamVid-like folder: 180x240 frames whose classes 0..2 are stripes 6 pixels
+# wide (class c: pure colour channel c; stored value 11, the ignore, black).
+STORED_HEIGHT, STORED_WIDTH = 180, 240
+NUM_CAMVID_CLASSES = 11
+
+
+def _stripe_labels(rng, vertical: bool) -> np.ndarray:
+    """uint8 [180, 240]: a class (0, 1, 2 or the ignore value 11) per stripe."""
+    length = STORED_WIDTH if vertical else STORED_HEIGHT
+    stripes = rng.choice([0, 1, 2, 11], size=length // 6, p=[0.3, 0.3, 0.3, 0.1])
+    line = np.repeat(stripes, 6).astype(np.uint8)
+    if vertical:
+        return np.broadcast_to(line[None, :], (STORED_HEIGHT, STORED_WIDTH)).copy()
+    return np.broadcast_to(line[:, None], (STORED_HEIGHT, STORED_WIDTH)).copy()
+
+
+def _write_camvid_like(root: str, num_val: int = 3) -> np.ndarray:
+    """val/images/*.png, val/labels/*.png; returns the stored labels [n, 180, 240]."""
+    rng = np.random.default_rng(5)
+    os.makedirs(os.path.join(root, "val", "images"))
+    os.makedirs(os.path.join(root, "val", "labels"))
+    all_labels = []
+    for i in range(num_val):
+        labels = _stripe_labels(rng, vertical=i % 2 == 0)
+        image = np.zeros([STORED_HEIGHT, STORED_WIDTH, 3], np.uint8)
+        for c in range(3):
+            image[..., c] = np.where(labels == c, 255, 0)
+        Image.fromarray(image).save(os.path.join(root, "val", "images", f"f{i}.png"))
+        Image.fromarray(labels).save(os.path.join(root, "val", "labels", f"f{i}.png"))
+        all_labels.append(labels)
+    return np.stack(all_labels)
+
+
+def _colour_network() -> keras.Model:
+    """Logits = the pixel's colour for classes 0..2, -1 for the other 8: at half
+    size, where a 6-pixel stripe is 3 pixels, it still predicts every stripe."""
+    kernel = np.zeros([1, 1, 3, NUM_CAMVID_CLASSES], np.float32)
+    kernel[0, 0, [0, 1, 2], [0, 1, 2]] = 1.0
+    bias = np.full([NUM_CAMVID_CLASSES], -1.0, np.float32)
+    bias[:3] = 0.0
+    conv = keras.layers.Conv2D(NUM_CAMVID_CLASSES, 1)
+    network = keras.Sequential([keras.Input((None, None, 3)), conv])
+    conv.set_weights([kernel, bias])
+    return network
+
+
+def _camvid_config(data_dir: str, model_dir: str, *extra: str) -> config_lib.Config:
+    flag_values = flags.FlagValues()
+    uda_flags.define_flags(flag_values)
+    flag_values(
+        [
+            "uda_tf.main",
+            "--task_name=camvid",
+            "--data_source=camvid",
+            f"--data_dir={data_dir}",
+            f"--model_dir={model_dir}",
+            "--resize_factor=0.5",
+            "--eval_batch_size=2",
+            "--num_vis_images=2",
+            "--do_train=false",
+            "--do_eval",
+            *extra,
+        ]
+    )
+    return uda_flags.config_from_flags(flag_values)
+
+
+class StoredSizeTest(tf.test.TestCase):
+    """--resize_factor=0.5: the network sees 90x120 frames, the score counts 180x240 labels."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = tempfile.mkdtemp()
+        cls.data_dir = os.path.join(cls.root, "camvid")
+        cls.labels = _write_camvid_like(cls.data_dir)
+        cls.network = _colour_network()
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_eval_batches_hold_the_stored_labels_and_the_smaller_input(self):
+        cfg = _camvid_config(self.data_dir, os.path.join(self.root, "unused"))
+        batch = next(iter(callbacks.eval_input(cfg)))
+        self.assertEqual(batch[common.IMAGE].shape, (2, 90, 120, 3))
+        self.assertEqual(batch[common.MASK].shape, (2, 180, 240))
+        self.assertEqual(batch[common.STORED_IMAGE].shape, (2, 180, 240, 3))
+        stored = np.where(self.labels[:2] == 11, 255, self.labels[:2])
+        self.assertAllEqual(batch[common.MASK], stored)
+
+    def test_results_are_computed_on_the_stored_labels(self):
+        model_dir = os.path.join(self.root, "run")
+        os.makedirs(model_dir)  # as main.run makes it
+        cfg = _camvid_config(self.data_dir, model_dir)
+        info = sources.dataset_info(cfg.data)
+        results = main.final_evaluation(cfg, self.network, info, step=7, chief=True)
+        confusion = evaluate.confusion_matrix(
+            self.network, callbacks.eval_input(cfg), num_classes=11, ignore_label=255
+        )
+        # Every stored pixel whose label is not the ignore value, none of 90x120.
+        self.assertEqual(np.sum(confusion), np.sum(self.labels != 11))
+        written = evaluate.parse_results(os.path.join(model_dir, "results.txt"))
+        self.assertEqual(written["global_step"], 7)
+        # Perfect at half size (3-pixel stripes), and still after the logits
+        # are resized bilinearly to 180x240: stripe edges fall on even pixels.
+        self.assertAllClose(written["mean_iou"], 1.0, atol=1e-6)
+        self.assertAllClose(written["pixel_accuracy"], 1.0, atol=1e-6)
+        self.assertAllClose(results["mean_iou"], 1.0, atol=1e-6)
+        prediction = np.array(Image.open(os.path.join(model_dir, "predictions", "f0_pred.png")))
+        self.assertEqual(prediction.shape, (STORED_HEIGHT, STORED_WIDTH))
+        valid = self.labels[0] != 11
+        self.assertAllEqual(prediction[valid], self.labels[0][valid])
+        panel = np.array(Image.open(os.path.join(model_dir, "predictions", "f1_panel.png")))
+        self.assertEqual(panel.shape, (STORED_HEIGHT, 3 * STORED_WIDTH, 3))
+
+    def test_the_old_behaviour_scores_resized_masks(self):
+        cfg = _camvid_config(
+            self.data_dir, os.path.join(self.root, "old"), "--eval_at_stored_size=false"
+        )
+        batch = next(iter(callbacks.eval_input(cfg)))
+        self.assertNotIn(common.STORED_IMAGE, batch)
+        self.assertEqual(batch[common.MASK].shape, (2, 90, 120))
+        confusion = evaluate.confusion_matrix(
+            self.network, callbacks.eval_input(cfg), num_classes=11, ignore_label=255
+        )
+        halved = self.labels[:, ::2, ::2]  # 6-pixel stripes: nearest keeps every stripe.
+        self.assertEqual(np.sum(confusion), np.sum(halved != 11))
+
+    def test_dev_pictures_are_at_the_stored_size(self):
+        cfg = _camvid_config(self.data_dir, os.path.join(self.root, "vis"))
+        vis_batch = next(iter(callbacks.eval_input(cfg, 2, batch_size=2)))
+        writer = tf.summary.create_file_writer(os.path.join(self.root, "vis", "eval"))
+        callback = callbacks.EvalSummaries(
+            cfg,
+            writer,
+            info=sources.dataset_info(cfg.data),
+            vis_batch=vis_batch,
+            dev_dataset=None,
+        )
+        iterations = tf.Variable(3, dtype=tf.int64)
+        callback.set_model(
+            types.SimpleNamespace(
+                ema_network=self.network, optimizer=types.SimpleNamespace(iterations=iterations)
+            )
+        )
+        callback.on_epoch_end(0)  # input | prediction | truth, each 180x240
+        writer.flush()
+        events = glob.glob(os.path.join(self.root, "vis", "eval", "events.out.tfevents.*"))
+        self.assertLen(events, 1)
 
 
 if __name__ == "__main__":

@@ -142,12 +142,12 @@ class EvalSummaries(keras.callbacks.Callback):
         step = global_step(self.model)
         if self.vis_batch is not None:
             network = self.model.ema_network
-            predictions = evaluate.predict_fn(network)(self.vis_batch[common.IMAGE]).numpy()
+            predictions = evaluate.predict_batch(network, self.vis_batch).numpy()
             panels = np.stack(
                 [
                     evaluate.panel(image, prediction, mask, self.info.palette)
                     for image, prediction, mask in zip(
-                        self.vis_batch[common.IMAGE].numpy(),
+                        evaluate.display_image(self.vis_batch).numpy(),
                         predictions,
                         self.vis_batch[common.MASK].numpy(),
                     )

@@ -17,6 +17,11 @@ Training batch (what `uda_tf.data.streams.train_dataset` yields, one dict per st
                                        convention: maps an output (aug) pixel
                                        to the input (ori) pixel it came from.
 
+Evaluation batch (`uda_tf.data.streams.eval_dataset`): IMAGE (the network's
+input, at --resize_factor), MASK uint8 [b, H, W] at the labels' stored size,
+FILENAME, and STORED_IMAGE uint8 [b, H, W, 3] (the image at that size, for
+pictures) when IMAGE is smaller or larger.
+
 Images stay uint8 in [0, 255] through tf.data; models normalise inside
 (`MEAN_RGB`, `STD_RGB`), so that the mean colour fill is 0 after
 normalisation and exported models take raw pixels.
@@ -29,6 +34,7 @@ ORI_IMAGE = "ori_image"
 ORI_VALID = "ori_valid"
 AUG_IMAGE = "aug_image"
 AUG_TRANSFORM = "aug_transform"
+STORED_IMAGE = "stored_image"
 
 IGNORE_LABEL = 255
 

@@ -45,8 +45,11 @@ class DataConfig:
     eval_split: str = "val"
     dev_size: int = -1
     # Resize every image (and mask, nearest) by this factor right after
-    # decoding, for training AND evaluation: a cheaper, lower-resolution task.
+    # decoding: a cheaper, lower-resolution task. Evaluation resizes the
+    # network's input only and scores at the labels' stored size, unless
+    # eval_at_stored_size is False (then the masks are resized too).
     resize_factor: float = 1.0
+    eval_at_stored_size: bool = True
     crop_height: int = 512
     crop_width: int = 1024
     min_scale: float = 0.5

@@ -1,9 +1,17 @@
-"""Evaluation at full resolution: confusion matrix, per-class IoU, mIoU, pictures.
+"""Evaluation at the labels' stored size: confusion matrix, per-class IoU, mIoU, pictures.
 
-The network (the EMA one, in training runs) sees each val image whole, at its
-own size; the confusion matrix counts the pixels whose label is not
-`ignore_label` (uda_tf.metrics.ConfusionMatrixIoU), as cityscapesscripts'
-pixel-level evaluation does on the 19 trainId classes.
+The network (the EMA one, in training runs) sees each val image whole, at
+the resolution it trains at (--resize_factor); when the labels are larger or
+smaller (`streams.eval_dataset` keeps them at their stored size), its logits
+are resized bilinearly to the labels' size, then the argmax is scored. The
+confusion matrix counts the pixels whose label is not `ignore_label`
+(uda_tf.metrics.ConfusionMatrixIoU), as cityscapesscripts' pixel-level
+evaluation does on the 19 trainId classes.
+
+In a batch of frames of different sizes (padded to the largest), the padded
+logits are resized to the padded labels: each frame's prediction is then
+within about one stored pixel of its own resize. Frames of one size (CamVid,
+Cityscapes) are resized exactly.
 """
 
 import os
@@ -23,16 +31,45 @@ _PREDICT_FNS = weakref.WeakKeyDictionary()
 
 
 def predict_fn(network: keras.Model):
-    """A tf.function: uint8/float images [b, H, W, 3] -> int32 class ids [b, H, W]."""
+    """A tf.function: uint8/float images [b, h, w, 3] -> int32 class ids [b, h, w].
+
+    Called as `predict(images, size)` with int32 [2] (H, W), the logits are
+    resized bilinearly to [b, H, W, K] before the argmax.
+    """
     if network not in _PREDICT_FNS:
 
         @tf.function(reduce_retracing=True)
-        def predict(images):
-            logits = network(tf.cast(images, tf.float32), training=False)  # [b, H, W, K]
+        def predict(images, size=None):
+            logits = network(tf.cast(images, tf.float32), training=False)  # [b, h, w, K]
+            if size is not None:
+                logits = tf.image.resize(logits, size, method="bilinear")  # [b, H, W, K]
             return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
         _PREDICT_FNS[network] = predict
     return _PREDICT_FNS[network]
+
+
+def predict_batch(network: keras.Model, batch: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Class ids of an evaluation batch at its labels' size.
+
+    Args:
+      network: images [b, h, w, 3] in [0, 255] -> logits [b, h, w, K].
+      batch: {IMAGE uint8 [b, h, w, 3], MASK uint8 [b, H, W], ...}.
+
+    Returns:
+      int32 [b, H, W]: the argmax of the logits, resized bilinearly to (H, W)
+      when it differs from (h, w).
+    """
+    images = batch[common.IMAGE]
+    label_size = tuple(batch[common.MASK].shape[1:3])
+    if tuple(images.shape[1:3]) == label_size:
+        return predict_fn(network)(images)
+    return predict_fn(network)(images, tf.constant(label_size, tf.int32))
+
+
+def display_image(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+    """uint8 [b, H, W, 3]: the images of an evaluation batch at its labels' size."""
+    return batch.get(common.STORED_IMAGE, batch[common.IMAGE])
 
 
 def confusion_matrix(
@@ -41,8 +78,9 @@ def confusion_matrix(
     """Counts (label, prediction) pairs over the valid pixels of a dataset.
 
     Args:
-      network: images [b, H, W, 3] in [0, 255] -> logits [b, H, W, K].
-      dataset: batches {IMAGE: uint8 [b, H, W, 3], MASK: uint8 [b, H, W]}.
+      network: images [b, h, w, 3] in [0, 255] -> logits [b, h, w, K].
+      dataset: batches {IMAGE: uint8 [b, h, w, 3], MASK: uint8 [b, H, W]};
+        the predictions are scored at (H, W) (`predict_batch`).
       num_classes: K.
       ignore_label: label of the pixels left out.
 
@@ -53,10 +91,9 @@ def confusion_matrix(
       ValueError: if the dataset is empty.
     """
     metric = metrics.ConfusionMatrixIoU(num_classes, ignore_label=ignore_label)
-    predict = predict_fn(network)
     num_images = 0
     for batch in dataset:
-        metric.update_state(batch[common.MASK], predict(batch[common.IMAGE]))
+        metric.update_state(batch[common.MASK], predict_batch(network, batch))
         num_images += int(batch[common.IMAGE].shape[0])
     if num_images == 0:
         raise ValueError("The evaluation dataset is empty.")
@@ -170,11 +207,12 @@ def write_predictions(
     """Writes colourised predictions of the first images of a dataset.
 
     For each image, `<name>_pred.png` (a palette PNG whose pixel values are
-    the class ids) and `<name>_panel.png` (input | prediction | ground truth).
+    the class ids) and `<name>_panel.png` (input | prediction | ground truth),
+    at the labels' size (`predict_batch`, `display_image`).
 
     Args:
       network: images -> logits (the EMA network).
-      dataset: batches {IMAGE, MASK, FILENAME}.
+      dataset: batches {IMAGE, MASK, FILENAME, optional STORED_IMAGE}.
       output_dir: created if needed.
       palette: K (r, g, b) triples.
       num_images: how many images.
@@ -185,19 +223,17 @@ def write_predictions(
     tf.io.gfile.makedirs(output_dir)
     flat_palette = np.zeros([256, 3], np.uint8)
     flat_palette[: len(palette)] = np.asarray(palette, np.uint8)
-    predict = predict_fn(network)
     paths = []
     for batch in dataset:
-        predictions = predict(batch[common.IMAGE]).numpy()
+        predictions = predict_batch(network, batch).numpy()
+        images = display_image(batch).numpy()
         for i, prediction in enumerate(predictions):
             if len(paths) >= 2 * num_images:
                 return paths
             stem = _stem(batch[common.FILENAME][i].numpy())
             indexed = Image.fromarray(prediction.astype(np.uint8), mode="P")
             indexed.putpalette(flat_palette.reshape(-1).tolist())
-            picture = panel(
-                batch[common.IMAGE][i].numpy(), prediction, batch[common.MASK][i].numpy(), palette
-            )
+            picture = panel(images[i], prediction, batch[common.MASK][i].numpy(), palette)
             for suffix, pil in (("pred", indexed), ("panel", Image.fromarray(picture))):
                 path = os.path.join(output_dir, f"{stem}_{suffix}.png")
                 with tf.io.gfile.GFile(path, "wb") as f:

@@ -319,22 +319,59 @@ def train_dataset(cfg: config_lib.DataConfig) -> tf.data.Dataset:
     return ds.prefetch(AUTOTUNE)
 
 
-def eval_dataset(cfg: config_lib.DataConfig, split: str = "val") -> tf.data.Dataset:
-    """Full-resolution labeled examples of `split`, in a fixed order, once.
+def eval_element(
+    element: dict[str, tf.Tensor], factor: float, *, at_stored_size: bool
+) -> dict[str, tf.Tensor]:
+    """One evaluation example: the network's input at `factor`, the labels to score.
+
+    Args:
+      element: {IMAGE uint8 [H, W, 3], MASK uint8 [H, W], FILENAME}.
+      factor: --resize_factor, the scale the network trains at.
+      at_stored_size: keep MASK at its stored size [H, W] (predictions are
+        resized to it before scoring) and the stored image as STORED_IMAGE
+        (for pictures); False resizes MASK with IMAGE (nearest), and the
+        score is that of the smaller task.
 
     Returns:
-      batches of {IMAGE uint8 [b, H, W, 3], MASK uint8 [b, H, W], FILENAME
-      string [b]}, b <= eval_batch_size (the last batch may be smaller).
+      {IMAGE uint8 [round(H f), round(W f), 3], MASK, FILENAME} and, with
+      at_stored_size and f != 1, STORED_IMAGE uint8 [H, W, 3].
+    """
+    if factor == 1.0:
+        return element
+    if not at_stored_size:
+        return resize_element(element, factor)
+    out = resize_element({common.IMAGE: element[common.IMAGE]}, factor)
+    out[common.STORED_IMAGE] = element[common.IMAGE]
+    return {**element, **out}
+
+
+def eval_dataset(cfg: config_lib.DataConfig, split: str = "val") -> tf.data.Dataset:
+    """Labeled examples of `split` scored at their stored size, in a fixed order, once.
+
+    The network's input is resized by --resize_factor as in training; the
+    labels stay at their stored size unless --eval_at_stored_size=false
+    (`eval_element`).
+
+    Returns:
+      batches of {IMAGE uint8 [b, h, w, 3], MASK uint8 [b, H, W], FILENAME
+      string [b]} (h, w = H, W scaled by --resize_factor; H, W too with
+      --eval_at_stored_size=false) and, when they differ, STORED_IMAGE uint8
+      [b, H, W, 3]; b <= eval_batch_size (the last batch may be smaller).
       Images of different sizes are padded to the largest of their batch
       (image with 0, mask with the ignore label).
     """
     sources.check_num_classes(cfg)
     ds = sources.labeled_source(cfg, split).elements()
     if cfg.resize_factor != 1.0:
-        ds = ds.map(lambda e: resize_element(e, cfg.resize_factor), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(
+            lambda e: eval_element(e, cfg.resize_factor, at_stored_size=cfg.eval_at_stored_size),
+            num_parallel_calls=AUTOTUNE,
+        )
     padding = {
         common.IMAGE: tf.constant(0, tf.uint8),
         common.MASK: tf.constant(cfg.ignore_label, tf.uint8),
         common.FILENAME: tf.constant(""),
     }
+    if common.STORED_IMAGE in ds.element_spec:
+        padding[common.STORED_IMAGE] = tf.constant(0, tf.uint8)
     return ds.padded_batch(cfg.eval_batch_size, padding_values=padding).prefetch(AUTOTUNE)
