@@ -234,6 +234,14 @@ def _define_data(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "shuffle_buffer", 1000, "Shuffle buffer of the training streams.", flag_values=fv
     )
+    flags.DEFINE_string(
+        "data_service_address",
+        None,
+        "grpc://host:port of a tf.data service dispatcher (python -m uda_tf.data.service): "
+        "its workers read, decode, crop, augment and batch the training streams, the trainer "
+        "only consumes batches. None = local input.",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
         "aug_ops",
         "all",

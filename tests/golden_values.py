@@ -63,3 +63,11 @@ TSA_LOSS_AT_ZERO = 1.294377
 # by hand: IoU_c = TP / (row sum + column sum - TP) = 3/5, 2/3, 0/1.
 IOU_CONFUSION = ((3, 1, 0), (0, 2, 0), (1, 0, 0))
 IOU_PER_CLASS = (0.6, 2.0 / 3.0, 0.0)
+
+# SHA-256 of the first 2 batches of the local training stream (keys sorted,
+# raw array bytes), tests/data/service_test.py: the tree of
+# fake_cityscapes.generate(num_train=5, num_val=1, num_extra=2, 64x128), crops
+# 48x80, batch 2, unsup_ratio 1, shuffle_buffer 8, seed 0, RandAugment replaced
+# by the test's stand-in. Provenance: computed with the code at 29c5376,
+# before the tf.data service option existed (CPU, TF 2.21).
+LOCAL_STREAM_SHA256 = "9dd070af11da5022466bd738b97902db9e35d017ed08ccdceafb3b6e1dca0cbb"

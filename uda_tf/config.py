@@ -6,6 +6,7 @@ model_dir/FLAGS.json; `Config.from_dict()` reads it back (export, resume).
 """
 
 import dataclasses
+import re
 from typing import Any
 
 TSA_SCHEDULES = ("", "linear_schedule", "log_schedule", "exp_schedule")
@@ -14,6 +15,8 @@ MODEL_NAMES = ("deeplabv3plus", "unet")
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2", "xception")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUG_OPS = ("all", "photometric")
+# --data_service_address: [grpc://]host:port of a tf.data service dispatcher.
+DATA_SERVICE_ADDRESS = r"(grpc://)?([^:/\s]+|\[[0-9a-fA-F:]+\]):([1-9][0-9]{0,4})"
 # Where the consistency target on the originals comes from (UdaConfig.uda_target).
 UDA_TARGETS = ("shared", "inference", "ema")
 
@@ -58,6 +61,9 @@ class DataConfig:
     ignore_label: int = 255
     seed: int = 0
     shuffle_buffer: int = 1000
+    # The tf.data service dispatcher (grpc://host:port) whose workers make the
+    # training batches (uda_tf/data/service.py); None = local input.
+    data_service_address: str | None = None
     # RandAugment of the unlabeled aug view.
     aug_ops: str = "all"
     aug_num_layers: int = 2
@@ -72,6 +78,13 @@ class DataConfig:
         _check(self.unsup_ratio >= 0, "unsup_ratio", self.unsup_ratio, ">= 0")
         _check(self.train_batch_size > 0, "train_batch_size", self.train_batch_size, "> 0")
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "> 0")
+        address = self.data_service_address
+        _check(
+            address is None or re.fullmatch(DATA_SERVICE_ADDRESS, address) is not None,
+            "data_service_address",
+            address,
+            "grpc://host:port or host:port (a tf.data service dispatcher), or None",
+        )
         _check(0 < self.resize_factor <= 4, "resize_factor", self.resize_factor, "in (0, 4]")
         _check(self.crop_height > 0, "crop_height", self.crop_height, "> 0")
         _check(self.crop_width > 0, "crop_width", self.crop_width, "> 0")

@@ -29,7 +29,7 @@ from absl import logging
 from uda_tf import config as config_lib
 from uda_tf import models, schedules
 from uda_tf.callbacks import training_callbacks
-from uda_tf.data import streams
+from uda_tf.data import service, streams
 from uda_tf.uda_model import UdaModel
 
 FLAGS_FILE = "FLAGS.json"
@@ -207,18 +207,35 @@ def _replica_batches(batch: dict, ctx: tf.distribute.InputContext) -> dict:
     return parts
 
 
+def _service_dataset(cfg: config_lib.DataConfig, num_input_pipelines: int) -> tf.data.Dataset:
+    """The training stream made by the tf.data service's workers (uda_tf/data/service.py)."""
+    pipeline_cfg, job_name = service.pipeline_config(cfg, num_input_pipelines)
+    dataset = streams.train_dataset(pipeline_cfg, splittable=True)
+    return service.distribute(dataset, cfg.data_service_address, job_name=job_name)
+
+
 def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     """The training batches: a tf.data.Dataset, or a distributed one for several replicas.
 
     With several replicas every input pipeline builds the same global-batch
-    stream (stateless per-example seeds) and keeps its replicas' parts.
+    stream (stateless per-example seeds) and keeps its replicas' parts. With
+    --data_service_address the service's workers make the batches; input
+    pipelines share its job, each gets its own batches (B / pipelines) and
+    keeps all of them.
     """
+    address = cfg.data.data_service_address
     if strategy.num_replicas_in_sync == 1:
-        return streams.train_dataset(cfg.data)
+        return _service_dataset(cfg.data, 1) if address else streams.train_dataset(cfg.data)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        dataset = streams.train_dataset(cfg.data)
-        dataset = dataset.map(lambda b: _replica_batches(b, ctx)).unbatch()
+        parts_ctx = ctx
+        if address:
+            dataset = _service_dataset(cfg.data, ctx.num_input_pipelines)
+            replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+            parts_ctx = tf.distribute.InputContext(1, 0, replicas)  # The whole batch is ours.
+        else:
+            dataset = streams.train_dataset(cfg.data)
+        dataset = dataset.map(lambda b: _replica_batches(b, parts_ctx)).unbatch()
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(dataset_fn)

@@ -31,7 +31,7 @@ import tensorflow as tf
 from augment import randaugment, seeds
 from uda_tf import common
 from uda_tf import config as config_lib
-from uda_tf.data import sources
+from uda_tf.data import service, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -283,12 +283,23 @@ def resize_element(element: dict[str, tf.Tensor], factor: float) -> dict[str, tf
     return out
 
 
-def _stream(source: sources.Source, cfg: config_lib.DataConfig, stream_id: int, fn, **kwargs):
+def _stream(
+    source: sources.Source,
+    cfg: config_lib.DataConfig,
+    stream_id: int,
+    fn,
+    *,
+    splittable: bool = False,
+    **kwargs,
+):
     """Shuffled, repeated, enumerated, decoded and mapped examples of one stream."""
     # Each stream shuffles with its own seed, so that the labeled and the
     # unlabeled streams do not visit the same images in the same order.
-    ds = source.raw.shuffle(source.shuffle_buffer, seed=cfg.seed * 1009 + stream_id)
-    ds = ds.repeat().enumerate()
+    shuffle_seed = cfg.seed * 1009 + stream_id
+    if splittable:  # The same (index, raw) pairs, one tf.data service split per epoch.
+        ds = service.splittable_order(source, shuffle_seed=shuffle_seed)
+    else:
+        ds = source.raw.shuffle(source.shuffle_buffer, seed=shuffle_seed).repeat().enumerate()
     decode = source.decode_raw if kwargs.get("label_table") is not None else source.decode
 
     def map_fn(index, raw):
@@ -298,8 +309,14 @@ def _stream(source: sources.Source, cfg: config_lib.DataConfig, stream_id: int, 
     return ds.map(map_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def train_dataset(cfg: config_lib.DataConfig) -> tf.data.Dataset:
+def train_dataset(cfg: config_lib.DataConfig, *, splittable: bool = False) -> tf.data.Dataset:
     """The training stream: one batch dict per step, endless (see module docstring).
+
+    Args:
+      cfg: the data config.
+      splittable: for the tf.data service (uda_tf/data/service.py): every
+        epoch gives the same examples and seeds, from a source that DYNAMIC
+        sharding splits by epoch.
 
     Raises:
       ValueError: bad flags or bad input files (naming them), before training.
@@ -307,13 +324,18 @@ def train_dataset(cfg: config_lib.DataConfig) -> tf.data.Dataset:
     sources.check_num_classes(cfg)
     sup_source = sources.labeled_source(cfg, "train")
     sup = _stream(
-        sup_source, cfg, common.SUP_STREAM, labeled_crop, label_table=sup_source.label_table
+        sup_source,
+        cfg,
+        common.SUP_STREAM,
+        labeled_crop,
+        label_table=sup_source.label_table,
+        splittable=splittable,
     )
     sup = sup.batch(cfg.train_batch_size, drop_remainder=True)
     if cfg.unsup_ratio == 0:
         return sup.prefetch(AUTOTUNE)
     unsup_source = sources.unlabeled_source(cfg)
-    unsup = _stream(unsup_source, cfg, common.UNSUP_STREAM, unlabeled_views)
+    unsup = _stream(unsup_source, cfg, common.UNSUP_STREAM, unlabeled_views, splittable=splittable)
     unsup = unsup.batch(cfg.unsup_ratio * cfg.train_batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(sup, unsup).map(lambda a, b: {**a, **b})
     return ds.prefetch(AUTOTUNE)
