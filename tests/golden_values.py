@@ -45,6 +45,16 @@ CONS_MASKED_LOSS = 0.376758  # mean over both pixels, the first masked out.
 CONS_MASKED_LOSS_WRONG = 0.753517  # what normalising by sum(M) would give.
 ENTROPY_ORI = 0.832396  # entropy of softmax([2, 1, 0]) in nats.
 
+# Hard targets (FixMatch / UniMatch), ../shared/SPEC.md §8, on the two pixels
+# above (ori CONS_ORI, aug CONS_AUG; ori CONS_ORI_B, aug CONS_AUG_B):
+# L = sum(M * CE(argmax p_ori, softmax(z_aug))) / 2, M = [max p_ori > thresh].
+# Rechecked by hand: CE = logsumexp(z_aug) - z_aug[0] = log(e + e^1.5 + 1) - 1
+# and log(2 e^2 + 1) - 2; p_max = e^2 / (e^2 + e + 1), e^4 / (e^4 + e + 1).
+HARD_P_MAX = (0.665241, 0.936240)
+HARD_ARGMAX = (0, 0)
+HARD_CE = (1.104131, 0.758624)
+HARD_LOSSES = ((-1.0, 0.931377), (0.5, 0.931377), (0.8, 0.379312))  # (thresh, L)
+
 # LR schedule: lr 0.03, 500k steps, no warmup. (step, lr).
 LR_PEAK = 0.03
 LR_TRAIN_STEPS = 500000
@@ -63,6 +73,45 @@ TSA_LOSS_AT_ZERO = 1.294377
 # by hand: IoU_c = TP / (row sum + column sum - TP) = 3/5, 2/3, 0/1.
 IOU_CONFUSION = ((3, 1, 0), (0, 2, 0), (1, 0, 0))
 IOU_PER_CLASS = (0.6, 2.0 / 3.0, 0.0)
+
+# A default-flag UDA train step on a fixed tiny input, pinned so that new
+# options cannot move the default path (tests/uda_model_test.py,
+# PinnedDefaultsTest). Provenance: computed with the code at 42caf9c (before
+# --uda_loss and --unsup_mix existed), CPU, TF 2.21: the logs of the second
+# train_step of make_model(uda) on make_batch(), each name -> {log key: value}.
+PINNED_STEP_LOGS = {
+    # UdaConfig(unsup_ratio=1, num_classes=3, train_steps=4): every UDA default.
+    "defaults": {
+        "sup/loss": 1.1530733108520508,
+        "unsup/loss": 0.0006297692307271063,
+        "unsup/high_prob_ratio": 1.0,
+        "total_loss": 1.1579031944274902,
+        "lr": 0.09415441006422043,
+    },
+    # tests/uda_model_test.py UDA_ON: TSA, T = 0.5, thresh 0.36, entropy, coeff 2.
+    "uda_on": {
+        "sup/loss": 1.1662112474441528,
+        "sup/trained_ratio": 0.9667119383811951,
+        "unsup/loss": 0.02443576417863369,
+        "unsup/high_prob_ratio": 0.8141427040100098,
+        "unsup/ent_min_loss": 1.0673272609710693,
+        "total_loss": 1.3259861469268799,
+    },
+    # UDA_ON without entropy, --uda_target=ema.
+    "ema": {
+        "sup/loss": 1.1654843091964722,
+        "unsup/loss": 0.030706319957971573,
+        "unsup/high_prob_ratio": 0.8460575938224792,
+        "total_loss": 1.231065034866333,
+    },
+    # UDA_ON without entropy, --uda_target=inference, with batch norm.
+    "inference_bn": {
+        "sup/loss": 1.4819974899291992,
+        "unsup/loss": 0.09656473249197006,
+        "unsup/high_prob_ratio": 0.9837296605110168,
+        "total_loss": 1.682749629020691,
+    },
+}
 
 # SHA-256 of the first 2 batches of the local training stream (keys sorted,
 # raw array bytes), tests/data/service_test.py: the tree of

@@ -1,4 +1,5 @@
-"""Tests of uda_tf/losses.py: SPEC §7 vectors, per-pixel properties, warping."""
+"""Tests of uda_tf/losses.py and uda_tf/targets.py: SPEC §7 and §8 vectors, per-pixel
+properties, hard targets, warping, CutMix of the targets."""
 
 import numpy as np
 import tensorflow as tf
@@ -187,6 +188,180 @@ class ConsistencyTest(tf.test.TestCase, parameterized.TestCase):
         )
         self.assertAllClose(out["loss"], ref["loss"], atol=1e-6)
         self.assertAllClose(out["num_valid"], 36.0)
+
+
+class HardTargetTest(tf.test.TestCase, parameterized.TestCase):
+    """--uda_loss=ce: cross-entropy to the argmax of the unsharpened target."""
+
+    def _two_pixels(self, **kwargs):
+        return losses.consistency_loss(
+            ori_logits=_pixels([gv.CONS_ORI, gv.CONS_ORI_B]),
+            aug_logits=_pixels([gv.CONS_AUG, gv.CONS_AUG_B]),
+            uda_loss="ce",
+            **kwargs,
+        )
+
+    def test_per_pixel_golden(self):
+        target, confidence = losses.consistency_target(
+            ori_logits=_pixels([gv.CONS_ORI, gv.CONS_ORI_B])
+        )
+        self.assertAllClose(confidence[0, 0], gv.HARD_P_MAX, atol=1e-5)
+        self.assertAllEqual(tf.argmax(target[0, 0], -1), gv.HARD_ARGMAX)
+        for i, (ori, aug) in enumerate(
+            ((gv.CONS_ORI, gv.CONS_AUG), (gv.CONS_ORI_B, gv.CONS_AUG_B))
+        ):
+            out = losses.consistency_loss(
+                ori_logits=_pixels([ori]), aug_logits=_pixels([aug]), uda_loss="ce"
+            )
+            self.assertAllClose(out["loss"], gv.HARD_CE[i], atol=1e-5)
+
+    @parameterized.parameters(*gv.HARD_LOSSES)
+    def test_masked_mean_golden(self, thresh, expected):
+        out = self._two_pixels(confidence_thresh=thresh)
+        self.assertAllClose(out["loss"], expected, atol=1e-5)
+        self.assertAllClose(out["num_valid"], 2.0)  # the same denominator, masked or not
+        self.assertAllClose(out["high_prob_ratio"], 0.5 if thresh == 0.8 else 1.0)
+
+    def test_gradient_is_q_minus_one_hot_and_never_reaches_the_target(self):
+        ori = tf.Variable(_pixels([gv.CONS_ORI, gv.CONS_ORI_B]))
+        aug = tf.Variable(_pixels([gv.CONS_AUG, gv.CONS_AUG_B]))
+        with tf.GradientTape(persistent=True) as tape:
+            loss = losses.consistency_loss(ori_logits=ori, aug_logits=aug, uda_loss="ce")["loss"]
+        expected = (tf.nn.softmax(aug) - tf.one_hot([[gv.HARD_ARGMAX]], 3)) / 2.0
+        self.assertAllClose(tape.gradient(loss, aug), expected, atol=1e-6)
+        self.assertIsNone(tape.gradient(loss, ori))
+
+    def test_kl_of_a_one_hot_target_is_the_hard_ce(self):
+        # A saturated ori prediction: KL to it and CE to its argmax agree.
+        rng = np.random.default_rng(3)
+        ori = tf.one_hot(rng.integers(0, 4, size=(2, 5, 6)), 4) * 40.0
+        aug = tf.constant(rng.normal(size=(2, 5, 6, 4)), tf.float32)
+        kl = losses.consistency_loss(ori_logits=ori, aug_logits=aug)["loss"]
+        ce = losses.consistency_loss(ori_logits=ori, aug_logits=aug, uda_loss="ce")["loss"]
+        self.assertAllClose(kl, ce, atol=1e-4)
+
+    def test_warped_hard_target_uses_the_aug_frame(self):
+        rng = np.random.default_rng(0)
+        ori = tf.constant(rng.normal(size=(1, 6, 8, 3)) * 3, tf.float32)
+        aug = tf.constant(rng.normal(size=(1, 6, 8, 3)), tf.float32)
+        kwargs = {"uda_loss": "ce", "confidence_thresh": 0.5}
+        out = losses.consistency_loss(
+            ori_logits=ori, aug_logits=aug, transforms=_translation(2.0, 0.0), **kwargs
+        )
+        ref = losses.consistency_loss(ori_logits=ori[:, :, 2:], aug_logits=aug[:, :, :6], **kwargs)
+        self.assertAllClose(out["loss"], ref["loss"], atol=1e-6)
+        self.assertAllClose(out["high_prob_ratio"], ref["high_prob_ratio"], atol=1e-6)
+        self.assertAllClose(out["num_valid"], 36.0)
+
+    def test_bilinear_hard_target_is_the_argmax_of_the_warped_probabilities(self):
+        rng = np.random.default_rng(1)
+        ori = tf.constant(rng.normal(size=(1, 6, 8, 3)) * 3, tf.float32)
+        aug = tf.constant(rng.normal(size=(1, 6, 8, 3)), tf.float32)
+        transforms = _translation(0.5, 0.0)
+        out = losses.consistency_loss(
+            ori_logits=ori,
+            aug_logits=aug,
+            transforms=transforms,
+            interpolation="bilinear",
+            uda_loss="ce",
+        )
+        warped, _, valid = losses.warped_target(
+            ori_logits=ori, output_shape=(6, 8), transforms=transforms, interpolation="bilinear"
+        )
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.argmax(warped, -1), logits=aug
+        )
+        valid = tf.cast(valid, tf.float32)
+        self.assertAllClose(out["loss"], tf.reduce_sum(ce * valid) / tf.reduce_sum(valid))
+
+    def test_temperature_and_unknown_loss_raise(self):
+        with self.assertRaisesRegex(ValueError, "--uda_loss=ce.*--uda_softmax_temp"):
+            self._two_pixels(softmax_temp=0.4)
+        with self.assertRaisesRegex(ValueError, "--uda_loss='mse'"):
+            losses.consistency_loss(
+                ori_logits=_pixels([gv.CONS_ORI]), aug_logits=_pixels([gv.CONS_AUG]), uda_loss="mse"
+            )
+
+
+class MixTargetsTest(tf.test.TestCase, parameterized.TestCase):
+    """CutMix of the targets (uda_tf/targets.py:mix_targets)."""
+
+    def _maps(self, n=3, h=4, w=5, k=2):
+        target = tf.reshape(tf.range(n * h * w * k, dtype=tf.float32), [n, h, w, k])
+        confidence = tf.reshape(tf.range(n * h * w, dtype=tf.float32), [n, h, w]) / 100.0
+        valid = np.ones((n, h, w), bool)
+        valid[1, 0] = False
+        return target, confidence, tf.constant(valid)
+
+    def test_inside_the_box_the_partner_outside_its_own(self):
+        target, confidence, valid = self._maps()
+        box = np.zeros((3, 4, 5), np.uint8)
+        box[0, :2, 1:3] = 1  # image 0 shows image 1 there (partner[0] = 1)
+        box[2, 1:, :] = 1
+        partner = tf.constant([1, 2, 0])
+        mixed = losses.mix_targets(
+            target_prob=target,
+            confidence=confidence,
+            valid=valid,
+            mix_mask=box,
+            mix_partner=partner,
+        )
+        inside = box.astype(bool)
+        for got, ref in zip(mixed, (target, confidence, valid)):
+            ref = np.asarray(ref)
+            want = np.where(
+                inside.reshape(inside.shape + (1,) * (ref.ndim - 3)), ref[[1, 2, 0]], ref
+            )
+            self.assertAllEqual(got, want)
+        self.assertEqual(mixed[2].dtype, tf.bool)
+        self.assertFalse(bool(mixed[2][0, 0, 1]))  # image 1's invalid row, in image 0's box
+
+    def test_global_concat_fn_finds_partners_on_other_replicas(self):
+        target, confidence, valid = self._maps()
+        everyone = [x * 10.0 for x in (target, confidence)]
+
+        def concat(x):  # this replica holds images 3..5 of 6: 0..2 are elsewhere
+            other = tf.concat([everyone[0], everyone[1][..., None], tf.zeros_like(x[..., :1])], -1)
+            return tf.concat([other, x], axis=0)
+
+        box = np.ones((3, 4, 5), np.uint8)
+        mixed = losses.mix_targets(
+            target_prob=target,
+            confidence=confidence,
+            valid=valid,
+            mix_mask=box,
+            mix_partner=tf.constant([0, 4, 5]),
+            global_concat_fn=concat,
+        )
+        self.assertAllEqual(mixed[0][0], everyone[0][0])
+        self.assertAllEqual(mixed[0][1:], tf.gather(target, [1, 2]))
+        self.assertAllEqual(mixed[1][0], everyone[1][0])
+        self.assertFalse(bool(tf.reduce_any(mixed[2][0])))
+
+    def test_loss_with_an_empty_box_equals_the_unmixed_loss(self):
+        rng = np.random.default_rng(4)
+        ori = tf.constant(rng.normal(size=(3, 6, 8, 3)) * 3, tf.float32)
+        aug = tf.constant(rng.normal(size=(3, 6, 8, 3)), tf.float32)
+        for uda_loss in ("kl", "ce"):
+            kwargs = {"transforms": _translation(1.0, -1.0), "uda_loss": uda_loss}
+            plain = losses.consistency_loss(ori_logits=ori, aug_logits=aug, **kwargs)
+            mixed = losses.consistency_loss(
+                ori_logits=ori,
+                aug_logits=aug,
+                mix_mask=np.zeros((3, 6, 8), np.uint8),
+                mix_partner=tf.constant([2, 0, 1]),
+                **kwargs,
+            )
+            for key in plain:
+                self.assertAllEqual(mixed[key], plain[key])
+
+    def test_mix_mask_without_partner_raises(self):
+        with self.assertRaisesRegex(ValueError, "mix_partner"):
+            losses.consistency_loss(
+                ori_logits=_pixels([gv.CONS_ORI]),
+                aug_logits=_pixels([gv.CONS_AUG]),
+                mix_mask=np.ones((1, 1, 1), np.uint8),
+            )
 
 
 class WarpTest(tf.test.TestCase, parameterized.TestCase):

@@ -11,8 +11,10 @@ import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
+from augment import mix
+from tests import golden_values as gv
 from uda_tf import common, losses, train
-from uda_tf.config import TrainConfig, UdaConfig
+from uda_tf.config import UDA_TARGETS, TrainConfig, UdaConfig
 from uda_tf.schedules import build_optimizer
 from uda_tf.uda_model import (
     TerminateOnNonFiniteLoss,
@@ -75,6 +77,54 @@ def make_batch(sup_size=4, unsup_size=4, seed=0):
 
 # The entropy term trains through the originals' pass: "shared" only.
 UDA_NO_ENT = dataclasses.replace(UDA_ON, ent_min_coeff=0.0)
+
+
+def cutmix(batch, seed=7, prob=1.0):
+    """`batch` with its aug views CutMixed by augment/mix.py (every image by default)."""
+    seed = tf.constant([seed, common.MIX_STREAM], tf.int64)
+    mixed = mix.cutmix_batch({k: tf.constant(v) for k, v in batch.items()}, seed=seed, prob=prob)
+    return {k: v.numpy() for k, v in mixed.items()}
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_consistency(batch, ori_logits, aug_logits, *, uda_loss, softmax_temp, thresh):
+    """L_cons by hand for make_batch's x-shift transforms, CutMix included.
+
+    Each image's target is shifted into its aug frame, then mixed with the
+    partner's inside the box; every pixel is compared with the target of the
+    image it came from.
+    """
+    ori_logits, aug_logits = np.asarray(ori_logits, np.float64), np.asarray(aug_logits, np.float64)
+    n, h, w, _ = ori_logits.shape
+    prob = _softmax(ori_logits / (softmax_temp if softmax_temp != -1 else 1.0))
+    conf = _softmax(ori_logits).max(-1)
+    ori_valid = batch[common.ORI_VALID].astype(bool)
+    target, confidence = np.zeros_like(prob), np.zeros_like(conf)
+    valid = np.zeros((n, h, w), bool)
+    for i, shift in enumerate(batch[common.AUG_TRANSFORM][:, 2].astype(int)):
+        for x in range(w):  # aug pixel x shows ori pixel x + shift
+            if 0 <= x + shift < w:
+                target[i, :, x] = prob[i, :, x + shift]
+                confidence[i, :, x] = conf[i, :, x + shift]
+                valid[i, :, x] = ori_valid[i, :, x + shift]
+    if common.MIX_MASK in batch:
+        box, partner = batch[common.MIX_MASK].astype(bool), batch[common.MIX_PARTNER]
+        target = np.where(box[..., None], target[partner], target)
+        confidence = np.where(box, confidence[partner], confidence)
+        valid = np.where(box, valid[partner], valid)
+    log_q = np.log(_softmax(aug_logits))
+    if uda_loss == "kl":
+        div = np.sum(np.where(target > 0, target * np.log(np.maximum(target, 1e-30)), 0.0), -1)
+        div -= np.sum(target * log_q, -1)
+    else:
+        div = -np.take_along_axis(log_q, target.argmax(-1)[..., None], -1)[..., 0]
+    keep = valid & ((confidence > thresh) if thresh != -1 else True)
+    return np.sum(np.where(keep, div, 0.0)) / max(valid.sum(), 1)
 
 
 def make_model(uda=UDA_ON, *, seed=0, decay=0.5, wd=1e-3, lr=0.1, batch_norm=False):
@@ -252,6 +302,105 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "aug_image"):
             model.train_step(batch)
 
+    def test_cutmix_without_the_mix_keys_raises(self):
+        model = make_model(dataclasses.replace(UDA_ON, unsup_mix="cutmix"))
+        with self.assertRaisesRegex(ValueError, r"mix_mask.*mix_partner.*--unsup_mix=cutmix"):
+            model.train_step(make_batch())
+
+
+# The configs of golden_values.PINNED_STEP_LOGS.
+PINNED_CONFIGS = {
+    "defaults": UdaConfig(unsup_ratio=1, num_classes=NUM_CLASSES, train_steps=4),
+    "uda_on": UDA_ON,
+    "ema": dataclasses.replace(UDA_NO_ENT, uda_target="ema"),
+    "inference_bn": dataclasses.replace(UDA_NO_ENT, uda_target="inference"),
+}
+
+
+class PinnedDefaultsTest(tf.test.TestCase, parameterized.TestCase):
+    """The default flags give the losses of the code before --uda_loss and --unsup_mix."""
+
+    def test_the_new_options_default_to_the_original(self):
+        self.assertEqual((UdaConfig().uda_loss, UdaConfig().unsup_mix), ("kl", "none"))
+
+    @parameterized.parameters(*sorted(gv.PINNED_STEP_LOGS))
+    def test_second_step_logs(self, name):
+        model = make_model(PINNED_CONFIGS[name], batch_norm=name == "inference_bn")
+        for _ in range(2):
+            logs = model.train_step(make_batch())
+        for key, value in gv.PINNED_STEP_LOGS[name].items():
+            # Bit-exact where they were computed; 1e-6 leaves other CPUs' kernels room.
+            self.assertAllClose(logs[key], value, rtol=0.0, atol=1e-6, msg=key)
+
+
+class UdaLossAndMixTest(tf.test.TestCase, parameterized.TestCase):
+    """--uda_loss and --unsup_mix with every --uda_target."""
+
+    @parameterized.product(
+        uda_target=UDA_TARGETS, uda_loss=("kl", "ce"), unsup_mix=("none", "cutmix")
+    )
+    def test_unsup_loss_matches_a_numpy_reference(self, uda_target, uda_loss, unsup_mix):
+        uda = dataclasses.replace(
+            UDA_NO_ENT,
+            uda_target=uda_target,
+            uda_loss=uda_loss,
+            unsup_mix=unsup_mix,
+            uda_softmax_temp=0.5 if uda_loss == "kl" else -1.0,
+        )
+        batch = cutmix(make_batch()) if unsup_mix == "cutmix" else make_batch()
+        model = make_model(uda)  # no BN: the target pass of each mode is plain to replicate
+        model.train_step(batch)  # the EMA now differs from the network
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        aug_logits = model.network(tf.cast(batch[common.AUG_IMAGE], tf.float32), training=True)
+        teacher = model.ema_network if uda_target == "ema" else model.network
+        kwargs = {"uda_loss": uda_loss, "softmax_temp": uda.uda_softmax_temp, "thresh": 0.36}
+        expected = numpy_consistency(batch, teacher(ori), aug_logits, **kwargs)
+        logs = model.train_step(batch)
+        for key in losses_keys(logs):
+            self.assertTrue(np.isfinite(logs[key]), key)
+        self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+        self.assertGreater(float(logs["unsup/loss"]), 0.0)
+        if unsup_mix == "cutmix":  # the targets are mixed, not just the images
+            unmixed = {k: v for k, v in batch.items() if k not in (common.MIX_MASK,)}
+            wrong = numpy_consistency(unmixed, teacher(ori), aug_logits, **kwargs)
+            self.assertNotAllClose(logs["unsup/loss"], wrong, atol=1e-3)
+        if uda_target == "ema":  # the (hard) target is the EMA network's, not the student's
+            student = numpy_consistency(batch, model.network(ori), aug_logits, **kwargs)
+            self.assertNotAllClose(expected, student, atol=1e-5)
+
+    @parameterized.product(uda_target=UDA_TARGETS, uda_loss=("kl", "ce"))
+    def test_cutmix_steps_with_batch_norm_are_finite(self, uda_target, uda_loss):
+        uda = dataclasses.replace(
+            UDA_NO_ENT, uda_target=uda_target, uda_loss=uda_loss, unsup_mix="cutmix"
+        )
+        if uda_loss == "ce":
+            uda = dataclasses.replace(uda, uda_softmax_temp=-1.0)
+        model = make_model(uda, batch_norm=True)
+        batch = cutmix(make_batch(), prob=0.5)
+        for _ in range(2):
+            logs = model.train_step(batch)
+        for key in losses_keys(logs):
+            self.assertTrue(np.isfinite(logs[key]), key)
+
+    def test_cutmix_ce_fit_under_xla(self):
+        uda = dataclasses.replace(UDA_ON, uda_loss="ce", uda_softmax_temp=-1.0, unsup_mix="cutmix")
+        model = make_model(uda)
+        model.compile(optimizer=build_optimizer(learning_rate=0.1, train_steps=4), jit_compile=True)
+        history = model.fit(dataset(cutmix(make_batch())), epochs=1, steps_per_epoch=2, verbose=0)
+        self.assertTrue(np.isfinite(history.history["unsup/loss"][-1]))
+
+    def test_invalid_combinations_raise_naming_both_flags(self):
+        with self.assertRaisesRegex(ValueError, r"--uda_loss=ce.*--uda_softmax_temp=0.5"):
+            dataclasses.replace(UDA_ON, uda_loss="ce").validate()
+        with self.assertRaisesRegex(ValueError, r"--unsup_mix='cutmix'.*--unsup_ratio=0"):
+            dataclasses.replace(UDA_OFF, unsup_mix="cutmix").validate()
+        with self.assertRaisesRegex(ValueError, r"--uda_loss='ce'.*--unsup_ratio=0"):
+            dataclasses.replace(UDA_OFF, uda_loss="ce").validate()
+
+
+def losses_keys(logs):
+    return [k for k in ("sup/loss", "unsup/loss", "unsup/ent_min_loss", "total_loss") if k in logs]
+
 
 class UdaTargetTest(tf.test.TestCase):
     """--uda_target: where the consistency target on the originals comes from."""
@@ -358,9 +507,9 @@ class DistributedTest(tf.test.TestCase):
             cls._mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         return cls._mirrored
 
-    def _run(self, strategy, batch, *, batch_norm=False, custom_loop=False, steps=2):
+    def _run(self, strategy, batch, *, uda=UDA_ON, batch_norm=False, custom_loop=False, steps=2):
         with strategy.scope():
-            model = make_model(batch_norm=batch_norm)
+            model = make_model(uda, batch_norm=batch_norm)
         if custom_loop:
             with strategy.scope():  # before tracing: no variable creation in the step
                 model.optimizer.build(model.network.trainable_variables)
@@ -400,6 +549,16 @@ class DistributedTest(tf.test.TestCase):
     def test_mirrored_custom_loop_equals_one_device(self):
         mirrored_logs = self._run(self.mirrored(), make_batch(), custom_loop=True)
         self._check_same(self.reference(), mirrored_logs)
+
+    def test_mirrored_cutmix_equals_one_device(self):
+        # Partners on the other replica: their targets are gathered over replicas.
+        uda = dataclasses.replace(UDA_ON, uda_loss="ce", uda_softmax_temp=-1.0, unsup_mix="cutmix")
+        batch = cutmix(make_batch())
+        partner = batch[common.MIX_PARTNER]
+        self.assertTrue(np.any(partner // 2 != np.arange(4) // 2))
+        single = self._run(tf.distribute.get_strategy(), batch, uda=uda)
+        self._check_same(single, self._run(self.mirrored(), batch, uda=uda))
+        self.assertNotAllClose(single[0]["unsup/loss"], self.reference()[0]["unsup/loss"])
 
     @pytest.mark.slow
     def test_mirrored_equals_one_device_with_synchronized_bn(self):

@@ -16,6 +16,12 @@ Training batch (what `uda_tf.data.streams.train_dataset` yields, one dict per st
                                        tf.raw_ops.ImageProjectiveTransformV3
                                        convention: maps an output (aug) pixel
                                        to the input (ori) pixel it came from.
+  MIX_MASK      uint8   [rB, h, w]     only with --unsup_mix=cutmix: 1 where
+                                       the AUG_IMAGE pixel came from the
+                                       partner's aug view (augment/mix.py)
+  MIX_PARTNER   int32   [rB]           only with --unsup_mix=cutmix: that
+                                       partner's index in the (global)
+                                       unlabeled batch
 
 Evaluation batch (`uda_tf.data.streams.eval_dataset`): IMAGE (the network's
 input, at --resize_factor), MASK uint8 [b, H, W] at the labels' stored size,
@@ -34,6 +40,8 @@ ORI_IMAGE = "ori_image"
 ORI_VALID = "ori_valid"
 AUG_IMAGE = "aug_image"
 AUG_TRANSFORM = "aug_transform"
+MIX_MASK = "mix_mask"
+MIX_PARTNER = "mix_partner"
 STORED_IMAGE = "stored_image"
 
 IGNORE_LABEL = 255
@@ -49,3 +57,5 @@ MEAN_RGB_UINT8 = (124, 116, 104)
 SUP_STREAM = 0
 UNSUP_STREAM = 1
 EVAL_STREAM = 2
+# One seed per training batch (CutMix): fold_in([cfg.seed, MIX_STREAM], batch_index).
+MIX_STREAM = 3

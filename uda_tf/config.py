@@ -19,6 +19,13 @@ AUG_OPS = ("all", "photometric")
 DATA_SERVICE_ADDRESS = r"(grpc://)?([^:/\s]+|\[[0-9a-fA-F:]+\]):([1-9][0-9]{0,4})"
 # Where the consistency target on the originals comes from (UdaConfig.uda_target).
 UDA_TARGETS = ("shared", "inference", "ema")
+# The consistency divergence (UdaConfig.uda_loss): "kl" to the soft target (the
+# original), "ce" to its argmax (FixMatch / UniMatch hard targets).
+UDA_LOSSES = ("kl", "ce")
+# Mixing between the unlabeled images' aug views (augment/mix.py).
+UNSUP_MIXES = ("none", "cutmix")
+# The strong view's policy: UDA's RandAugment, or UniMatch's colour view (augment/color.py).
+AUG_POLICIES = ("randaugment", "color")
 
 
 def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
@@ -64,6 +71,10 @@ class DataConfig:
     # The tf.data service dispatcher (grpc://host:port) whose workers make the
     # training batches (uda_tf/data/service.py); None = local input.
     data_service_address: str | None = None
+    # The unlabeled aug view: "randaugment" (UDA's, the knobs below) or "color".
+    aug_policy: str = "randaugment"
+    # CutMix between the unlabeled aug views of a batch: "none" or "cutmix".
+    unsup_mix: str = "none"
     # RandAugment of the unlabeled aug view.
     aug_ops: str = "all"
     aug_num_layers: int = 2
@@ -99,6 +110,25 @@ class DataConfig:
             f">= --num_classes={self.num_classes}",
         )
         _check(self.aug_ops in AUG_OPS, "aug_ops", self.aug_ops, str(AUG_OPS))
+        _check(self.aug_policy in AUG_POLICIES, "aug_policy", self.aug_policy, str(AUG_POLICIES))
+        if self.aug_policy != "randaugment":
+            # RandAugment's own knobs mean nothing to another policy.
+            for flag, value, default in (
+                ("aug_ops", self.aug_ops, "all"),
+                ("aug_num_layers", self.aug_num_layers, 2),
+            ):
+                _check(
+                    value == default,
+                    flag,
+                    value,
+                    f"its default with --aug_policy={self.aug_policy} (a RandAugment knob)",
+                )
+        _check(self.unsup_mix in UNSUP_MIXES, "unsup_mix", self.unsup_mix, str(UNSUP_MIXES))
+        if self.unsup_mix != "none" and self.unsup_ratio * self.train_batch_size < 2:
+            raise ValueError(
+                f"--unsup_mix={self.unsup_mix} needs at least 2 unlabeled images per batch: "
+                f"--unsup_ratio={self.unsup_ratio} x --train_batch_size={self.train_batch_size}."
+            )
         _check(self.aug_num_layers >= 0, "aug_num_layers", self.aug_num_layers, ">= 0")
         _check(0.0 <= self.aug_prob <= 1.0, "aug_prob", self.aug_prob, "in [0, 1]")
 
@@ -141,6 +171,12 @@ class UdaConfig:
     # originals go through the network alone in inference mode (BN moving
     # statistics). "ema": the same through the EMA network (a mean teacher).
     uda_target: str = "shared"
+    # "kl": KL to the soft target (the original). "ce": cross-entropy to the
+    # argmax of the unsharpened target (FixMatch / UniMatch), same mask M.
+    uda_loss: str = "kl"
+    # "cutmix": the batch carries MIX_MASK / MIX_PARTNER and the targets are
+    # mixed as the aug views were (augment/mix.py).
+    unsup_mix: str = "none"
     num_classes: int = 19
     ignore_label: int = 255
     # Denominator of TSA progress (and of the LR schedule).
@@ -168,6 +204,21 @@ class UdaConfig:
                 f"--ent_min_coeff={self.ent_min_coeff} needs --uda_target=shared: the entropy "
                 f"term trains through the originals' pass, which --uda_target="
                 f"{self.uda_target} runs without gradient."
+            )
+        _check(self.uda_loss in UDA_LOSSES, "uda_loss", self.uda_loss, str(UDA_LOSSES))
+        _check(self.unsup_mix in UNSUP_MIXES, "unsup_mix", self.unsup_mix, str(UNSUP_MIXES))
+        if self.unsup_ratio == 0:
+            for flag, value, off in (
+                ("uda_loss", self.uda_loss, "kl"),
+                ("unsup_mix", self.unsup_mix, "none"),
+            ):
+                _check(
+                    value == off, flag, value, f"{off!r} with --unsup_ratio=0 (no unlabeled data)"
+                )
+        if self.uda_loss == "ce" and self.uda_softmax_temp != -1:
+            raise ValueError(
+                f"--uda_loss=ce contradicts --uda_softmax_temp={self.uda_softmax_temp}: a hard "
+                "target is the argmax, which a temperature does not change; use -1."
             )
         _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
 
@@ -271,6 +322,12 @@ class Config:
             self.data.unsup_ratio == self.uda.unsup_ratio,
             "unsup_ratio",
             (self.data.unsup_ratio, self.uda.unsup_ratio),
+            "the same value for data and loss",
+        )
+        _check(
+            self.data.unsup_mix == self.uda.unsup_mix,
+            "unsup_mix",
+            (self.data.unsup_mix, self.uda.unsup_mix),
             "the same value for data and loss",
         )
         return self

@@ -9,7 +9,10 @@ counts (and to the logged ratios): the returned `loss` is then this replica's
 share `local_sum / max(global_count, 1)`. The replicas' shares sum to the
 global loss, and since Keras sums gradients over replicas, the gradient is
 that of the global loss. Without `global_sum_fn` (one replica) `loss` is the
-plain normalised loss. `replica_sum` is the function to pass in a train step.
+plain normalised loss. `replica_sum` is the function to pass in a train step
+(and `replica_concat` as `global_concat_fn`, which CutMix needs to find a
+partner's target on another replica). The target itself (sharpening, warp,
+CutMix) is built in uda_tf/targets.py.
 """
 
 from collections.abc import Callable
@@ -17,12 +20,21 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from uda_tf import config as config_lib
+from uda_tf import targets
+from uda_tf.targets import (  # noqa: F401 (public here too, as before)
+    INTERPOLATIONS,
+    GlobalConcatFn,
+    consistency_target,
+    mix_targets,
+    warp_to_aug,
+    warped_target,
+)
 
 GlobalSumFn = Callable[[tf.Tensor], tf.Tensor]
 
 # The schedules of config.TSA_SCHEDULES ("" = off is handled by the callers).
 TSA_SCHEDULES = tuple(s for s in config_lib.TSA_SCHEDULES if s)
-INTERPOLATIONS = ("nearest", "bilinear")
+UDA_LOSSES = config_lib.UDA_LOSSES
 
 
 def replica_sum(x: tf.Tensor) -> tf.Tensor:
@@ -41,6 +53,25 @@ def replica_sum(x: tf.Tensor) -> tf.Tensor:
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
 
+def replica_concat(x: tf.Tensor) -> tf.Tensor:
+    """Concatenates `x` [n, ...] over the replicas in sync, in replica order.
+
+    The global batch back from its replica parts (uda_tf.train splits it so);
+    the identity on one replica. Used to find CutMix partners on another
+    replica.
+
+    Args:
+      x: [n, ...], computed in a replica context.
+
+    Returns:
+      [n * num_replicas, ...], the same on every replica.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return x
+    return ctx.all_gather(x, axis=0)
+
+
 def _identity(x: tf.Tensor) -> tf.Tensor:
     return x
 
@@ -49,13 +80,6 @@ def _global_counts(global_sum_fn: GlobalSumFn | None, *counts: tf.Tensor) -> lis
     """Sums float scalar counts over replicas in one call; stop-gradient."""
     stacked = tf.stack([tf.cast(c, tf.float32) for c in counts])  # [C]
     return tf.unstack(tf.stop_gradient((global_sum_fn or _identity)(stacked)))
-
-
-def _valid_or_ones(valid: tf.Tensor | None, like: tf.Tensor) -> tf.Tensor:
-    """Bool [N, H, W]: `valid`, or all True shaped as `like` [N, H, W, K]."""
-    if valid is None:
-        return tf.ones(tf.shape(like)[:-1], tf.bool)
-    return tf.cast(valid, tf.bool)
 
 
 def tsa_threshold(*, schedule: str, progress: tf.Tensor | float, num_classes: int) -> tf.Tensor:
@@ -151,29 +175,6 @@ def supervised_loss(
     }
 
 
-def consistency_target(
-    *, ori_logits: tf.Tensor, softmax_temp: float = -1.0
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """The stop-gradient target p~ and the unsharpened confidence max p.
-
-    Args:
-      ori_logits: float [N, H, W, K] logits of the original unlabeled view.
-      softmax_temp: T; -1 = no sharpening.
-
-    Returns:
-      (target_prob float32 [N, H, W, K] = softmax(z / T),
-       confidence float32 [N, H, W] = max softmax(z), T = 1), no gradient.
-    """
-    ori_logits = tf.stop_gradient(tf.cast(ori_logits, tf.float32))  # [N, H, W, K]
-    if softmax_temp == -1:
-        target_prob = tf.nn.softmax(ori_logits, axis=-1)  # [N, H, W, K]
-        return target_prob, tf.reduce_max(target_prob, axis=-1)
-    target_prob = tf.nn.softmax(ori_logits / softmax_temp, axis=-1)  # [N, H, W, K]
-    # max softmax(z) = exp(max z - logsumexp z), without a second [N, H, W, K] softmax.
-    log_confidence = tf.reduce_max(ori_logits, -1) - tf.reduce_logsumexp(ori_logits, -1)
-    return target_prob, tf.exp(log_confidence)  # [N, H, W, K], [N, H, W]
-
-
 def consistency_loss(
     *,
     ori_logits: tf.Tensor,
@@ -184,61 +185,94 @@ def consistency_loss(
     transforms: tf.Tensor | None = None,
     ori_valid: tf.Tensor | None = None,
     interpolation: str = "nearest",
+    uda_loss: str = "kl",
+    mix_mask: tf.Tensor | None = None,
+    mix_partner: tf.Tensor | None = None,
     global_sum_fn: GlobalSumFn | None = None,
+    global_concat_fn: GlobalConcatFn | None = None,
 ) -> dict[str, tf.Tensor]:
-    """KL(p~ || softmax(z_aug)) per pixel, confidence-masked, warped.
+    """KL(p~ || softmax(z_aug)) (or CE to argmax p~) per pixel, masked, warped.
 
     Mirrors image/main.py:_kl_divergence_with_logits and its confidence mask.
     The target p~ = softmax(z_ori / T) is stop-gradient; the aug logits are
     never divided by T. M = 1 where max softmax(z_ori) (T = 1) > thresh. With
     `transforms`, p~ and the confidence are warped into the aug frame first
     (`warp_to_aug`), and M is taken there; pixels from outside the ori frame or
-    from invalid ori pixels are invalid. The loss is sum(valid * M * KL) /
-    max(sum(valid), 1): masked pixels count as zeros in the mean.
+    from invalid ori pixels are invalid. With `mix_mask`, the warped targets,
+    confidences and validities are then mixed as the aug views were
+    (`mix_targets`). The loss is sum(valid * M * D) / max(sum(valid), 1):
+    masked pixels count as zeros in the mean.
+
+    uda_loss "kl": D = KL(p~ || q), the original. "ce" (FixMatch / UniMatch
+    hard targets): D = -log q(argmax p~), p~ unsharpened (T must be -1; the
+    argmax of a warped, bilinear target is that of the interpolated
+    probabilities), with the same M and the same denominator.
 
     Args:
       ori_logits: float [N, h, w, K] original-view logits.
       aug_logits: float [N, H, W, K] augmented-view logits.
-      valid: optional bool [N, H, W], pixels of the aug frame that count.
+      valid: optional bool [N, H, W], pixels of the (mixed) aug frame that count.
       softmax_temp: T; -1 = off.
       confidence_thresh: threshold on the unsharpened max prob; -1 = off.
       transforms: optional float32 [N, 8], the aug view's transform (maps an
         aug pixel to the ori pixel it came from; uda_tf.common.AUG_TRANSFORM).
       ori_valid: optional [N, h, w] (bool or 0/1), valid ori pixels.
       interpolation: "nearest" or "bilinear" warp of the target.
+      uda_loss: "kl" or "ce".
+      mix_mask: optional [N, H, W] uint8/bool, uda_tf.common.MIX_MASK.
+      mix_partner: int [N], uda_tf.common.MIX_PARTNER; required with mix_mask.
       global_sum_fn: sums a count over replicas (see the module docstring).
+      global_concat_fn: gathers the targets over replicas for `mix_targets`.
 
     Returns:
       dict with float32 scalars `loss` (this replica's share of L_cons),
       `high_prob_ratio` (sum(valid * M) / sum(valid), global), `num_valid`.
+
+    Raises:
+      ValueError: an unknown uda_loss, "ce" with a temperature, or a
+        mix_mask without mix_partner.
     """
-    target_prob, confidence = consistency_target(ori_logits=ori_logits, softmax_temp=softmax_temp)
-    if transforms is not None:
-        stacked = tf.concat([target_prob, confidence[..., None]], axis=-1)  # [N, h, w, K+1]
-        warped, warp_valid = warp_to_aug(
-            stacked,
-            transforms,
-            ori_valid=ori_valid,
-            output_shape=tf.shape(aug_logits)[1:3],
-            interpolation=interpolation,
+    if uda_loss not in UDA_LOSSES:
+        raise ValueError(f"--uda_loss={uda_loss!r} is invalid: expected one of {UDA_LOSSES}.")
+    if uda_loss == "ce" and softmax_temp != -1:
+        raise ValueError(f"--uda_loss=ce takes no --uda_softmax_temp (got {softmax_temp}).")
+    target_prob, confidence, frame_valid = warped_target(
+        ori_logits=ori_logits,
+        output_shape=tf.shape(aug_logits)[1:3],
+        softmax_temp=softmax_temp,
+        transforms=transforms,
+        ori_valid=ori_valid,
+        interpolation=interpolation,
+    )
+    if mix_mask is not None:
+        if mix_partner is None:
+            raise ValueError("consistency_loss: mix_mask needs mix_partner.")
+        target_prob, confidence, frame_valid = mix_targets(
+            target_prob=target_prob,
+            confidence=confidence,
+            valid=frame_valid,
+            mix_mask=mix_mask,
+            mix_partner=mix_partner,
+            global_concat_fn=global_concat_fn,
         )
-        target_prob, confidence = warped[..., :-1], warped[..., -1]  # in the aug frame
-        frame_valid = warp_valid  # [N, H, W]
-    else:
-        frame_valid = _valid_or_ones(ori_valid, target_prob)
-    frame_valid = tf.logical_and(frame_valid, _valid_or_ones(valid, aug_logits))
+    frame_valid = tf.logical_and(frame_valid, targets.valid_or_ones(valid, aug_logits))
     valid_mask = tf.cast(frame_valid, tf.float32)  # [N, H, W]
     if confidence_thresh != -1:
         conf_mask = tf.cast(confidence > confidence_thresh, tf.float32)  # [N, H, W]
     else:
         conf_mask = tf.ones_like(valid_mask)
-    log_q = tf.nn.log_softmax(tf.cast(aug_logits, tf.float32), axis=-1)  # [N, H, W, K]
-    kl = tf.reduce_sum(tf.math.xlogy(target_prob, target_prob) - target_prob * log_q, axis=-1)
+    aug_logits = tf.cast(aug_logits, tf.float32)  # [N, H, W, K]
+    if uda_loss == "kl":
+        log_q = tf.nn.log_softmax(aug_logits, axis=-1)  # [N, H, W, K]
+        div = tf.reduce_sum(tf.math.xlogy(target_prob, target_prob) - target_prob * log_q, axis=-1)
+    else:
+        hard_target = tf.argmax(target_prob, axis=-1, output_type=tf.int32)  # [N, H, W]
+        div = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=hard_target, logits=aug_logits)
     num_valid, num_high = _global_counts(
         global_sum_fn, tf.reduce_sum(valid_mask), tf.reduce_sum(valid_mask * conf_mask)
     )
     return {
-        "loss": tf.reduce_sum(valid_mask * conf_mask * kl) / tf.maximum(num_valid, 1.0),
+        "loss": tf.reduce_sum(valid_mask * conf_mask * div) / tf.maximum(num_valid, 1.0),
         "high_prob_ratio": num_high / tf.maximum(num_valid, 1.0),
         "num_valid": num_valid,
     }
@@ -265,102 +299,9 @@ def entropy_loss(
     """
     log_prob = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)  # [N, H, W, K]
     entropy = -tf.reduce_sum(tf.exp(log_prob) * log_prob, axis=-1)  # [N, H, W]
-    valid_mask = tf.cast(_valid_or_ones(valid, log_prob), tf.float32)  # [N, H, W]
+    valid_mask = tf.cast(targets.valid_or_ones(valid, log_prob), tf.float32)  # [N, H, W]
     (num_valid,) = _global_counts(global_sum_fn, tf.reduce_sum(valid_mask))
     return {
         "loss": tf.reduce_sum(valid_mask * entropy) / tf.maximum(num_valid, 1.0),
         "num_valid": num_valid,
     }
-
-
-def _round_half_away(x: tf.Tensor) -> tf.Tensor:
-    """std::round, as ImageProjectiveTransformV3's nearest mode (not tf.round)."""
-    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
-
-
-def _gather_or_fill(flat: tf.Tensor, n_idx, y, x, height, width) -> tf.Tensor:
-    """Values of `flat` [N*h*w, C] at integer-valued (n, y, x) [N, H, W]; 0 outside."""
-    inside = (y >= 0) & (y <= tf.cast(height - 1, y.dtype)) & (x >= 0)
-    inside &= x <= tf.cast(width - 1, x.dtype)
-    yi = tf.cast(tf.clip_by_value(y, 0.0, tf.cast(height - 1, y.dtype)), tf.int32)
-    xi = tf.cast(tf.clip_by_value(x, 0.0, tf.cast(width - 1, x.dtype)), tf.int32)
-    values = tf.gather(flat, (n_idx * height + yi) * width + xi)  # [N, H, W, C]
-    return values * tf.cast(inside, flat.dtype)[..., None]
-
-
-def warp_to_aug(
-    ori_probs: tf.Tensor,
-    transforms: tf.Tensor,
-    *,
-    ori_valid: tf.Tensor | None = None,
-    output_shape: tf.Tensor | tuple[int, int] | None = None,
-    interpolation: str = "nearest",
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Brings per-pixel maps of the ori view into the aug view's frame.
-
-    Same convention and sampling as tf.raw_ops.ImageProjectiveTransformV3
-    (fill_mode CONSTANT, fill 0): transform [a0, a1, a2, b0, b1, b2, c0, c1]
-    maps the aug (output) pixel (x, y) to the ori (input) point
-    ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k), k = c0 x + c1 y + 1.
-    It is written with gathers so that it also compiles under XLA, which has no
-    kernel for that op; tests check it against the op.
-
-    An aug pixel is valid when every ori pixel it reads is inside the frame
-    and valid (for "nearest", the one it reads; for "bilinear", all four with
-    a non-zero weight).
-
-    Args:
-      ori_probs: float [N, h, w, C] maps in the ori frame (probabilities,
-        confidences...); warped channels are interpolated independently.
-      transforms: float32 [N, 8] or [1, 8].
-      ori_valid: optional [N, h, w] (bool or 0/1); None = all valid.
-      output_shape: (H, W) of the aug frame; None = (h, w).
-      interpolation: "nearest" or "bilinear".
-
-    Returns:
-      (warped float32 [N, H, W, C], 0 where invalid; valid bool [N, H, W]).
-
-    Raises:
-      ValueError: for an unknown interpolation.
-    """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r} is invalid: expected {INTERPOLATIONS}.")
-    ori_probs = tf.cast(ori_probs, tf.float32)  # [N, h, w, C]
-    valid = _valid_or_ones(ori_valid, ori_probs)  # [N, h, w]
-    maps = tf.concat([ori_probs, tf.cast(valid, tf.float32)[..., None]], axis=-1)  # [N,h,w,C+1]
-    shape = tf.shape(maps)
-    num, height, width = shape[0], shape[1], shape[2]
-    out_hw = tf.shape(maps)[1:3] if output_shape is None else output_shape
-    out_h, out_w = out_hw[0], out_hw[1]
-    transforms = tf.broadcast_to(tf.cast(transforms, tf.float32), [num, 8])
-    a0, a1, a2, b0, b1, b2, c0, c1 = [t[:, None, None] for t in tf.unstack(transforms, axis=1)]
-    grid_y, grid_x = tf.meshgrid(
-        tf.range(out_h, dtype=tf.float32), tf.range(out_w, dtype=tf.float32), indexing="ij"
-    )  # [H, W] each
-    k = c0 * grid_x + c1 * grid_y + 1.0  # [N, H, W]
-    at_infinity = tf.equal(k, 0.0)  # the op fills these pixels
-    k = tf.where(at_infinity, tf.ones_like(k), k)
-    outside = tf.fill(tf.shape(k), -2.0)
-    src_x = tf.where(at_infinity, outside, (a0 * grid_x + a1 * grid_y + a2) / k)  # [N, H, W]
-    src_y = tf.where(at_infinity, outside, (b0 * grid_x + b1 * grid_y + b2) / k)  # [N, H, W]
-    flat = tf.reshape(maps, [-1, tf.shape(maps)[3]])  # [N*h*w, C+1]
-    n_idx = tf.broadcast_to(tf.range(num)[:, None, None], tf.shape(src_x))  # [N, H, W]
-    if interpolation == "nearest":
-        out = _gather_or_fill(
-            flat, n_idx, _round_half_away(src_y), _round_half_away(src_x), height, width
-        )
-    else:
-        y0, x0 = tf.floor(src_y), tf.floor(src_x)
-        wy, wx = (src_y - y0)[..., None], (src_x - x0)[..., None]
-        out = 0.0
-        for dy, dx, weight in (
-            (0, 0, (1 - wy) * (1 - wx)),
-            (0, 1, (1 - wy) * wx),
-            (1, 0, wy * (1 - wx)),
-            (1, 1, wy * wx),
-        ):
-            out += weight * _gather_or_fill(flat, n_idx, y0 + dy, x0 + dx, height, width)
-    # A bilinear pixel is valid when its valid weights sum to 1.
-    out_valid = out[..., -1] > 1.0 - 1e-4  # [N, H, W]
-    warped = out[..., :-1] * tf.cast(out_valid, tf.float32)[..., None]  # [N, H, W, C]
-    return warped, out_valid

@@ -13,7 +13,10 @@ local_sum / max(global_count, 1), the counts being summed over replicas
 (`losses.replica_sum`), so the summed gradients are those of the global loss
 for any split of the batch. The weight decay, the same on every replica, is
 divided by the number of replicas. The returned logs are global values, the
-same on every replica.
+same on every replica. With CutMix (MIX_MASK in the batch, partners indexed in
+the global unlabeled batch) the warped targets are gathered over replicas
+(`losses.replica_concat`) before they are mixed, so partners on another
+replica are found.
 
 EMA. As image/main.py (tf.train.ExponentialMovingAverage(decay), no
 num_updates): after every step, shadow -= (1 - decay) * (shadow - variable)
@@ -159,7 +162,8 @@ class UdaModel(keras.Model):
         Args:
           data: the batch dict of uda_tf.common (IMAGE, MASK; and ORI_IMAGE,
             AUG_IMAGE, optionally ORI_VALID and AUG_TRANSFORM when
-            unsup_ratio > 0), this replica's part of it.
+            unsup_ratio > 0; MIX_MASK and MIX_PARTNER with CutMix, whose
+            targets are then mixed too), this replica's part of it.
 
         Returns:
           dict of float32 scalars, global over replicas: sup/loss,
@@ -247,11 +251,15 @@ class UdaModel(keras.Model):
         keys = [common.IMAGE]
         if self.uda_config.unsup_ratio > 0:
             keys += [common.ORI_IMAGE, common.AUG_IMAGE]
-        missing = [k for k in keys + [common.MASK] if k not in data]
+        needed = keys + [common.MASK]
+        if self.uda_config.unsup_mix != "none":
+            needed += [common.MIX_MASK, common.MIX_PARTNER]
+        missing = [k for k in needed if k not in data]
         if missing:
             raise ValueError(
                 f"The training batch lacks {missing} (--unsup_ratio="
-                f"{self.uda_config.unsup_ratio}); it has {sorted(data)}."
+                f"{self.uda_config.unsup_ratio}, --unsup_mix={self.uda_config.unsup_mix}); "
+                f"it has {sorted(data)}."
             )
         target = None
         if self.uda_config.unsup_ratio > 0 and self.uda_config.uda_target != "shared":
@@ -294,7 +302,11 @@ class UdaModel(keras.Model):
             confidence_thresh=cfg.uda_confidence_thresh,
             transforms=data.get(common.AUG_TRANSFORM),
             ori_valid=ori_valid,
+            uda_loss=cfg.uda_loss,
+            mix_mask=data.get(common.MIX_MASK),
+            mix_partner=data.get(common.MIX_PARTNER),
             global_sum_fn=losses.replica_sum,
+            global_concat_fn=losses.replica_concat,
         )
         shares["unsup/loss"], coeffs["unsup/loss"] = cons["loss"], float(cfg.unsup_coeff)
         logs["unsup/high_prob_ratio"] = cons["high_prob_ratio"]
