@@ -108,6 +108,16 @@ def _define_original(fv: flags.FlagValues) -> None:
         "alone on the originals in inference mode. ema: the EMA network so (a mean teacher).",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "uda_loss",
+        "kl",
+        list(config_lib.UDA_LOSSES),
+        "Consistency divergence. kl: KL(target || aug), the original. ce: cross-entropy to "
+        "the argmax of the unsharpened target (FixMatch / UniMatch hard targets), the same "
+        "--uda_confidence_thresh mask and denominator; needs --uda_softmax_temp=-1. With "
+        "--uda_target=ema it is FixMatch with a mean teacher.",
+        flag_values=fv,
+    )
     flags.DEFINE_float(
         "moving_average_decay",
         0.9999,
@@ -240,6 +250,22 @@ def _define_data(fv: flags.FlagValues) -> None:
         "grpc://host:port of a tf.data service dispatcher (python -m uda_tf.data.service): "
         "its workers read, decode, crop, augment and batch the training streams, the trainer "
         "only consumes batches. None = local input.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "aug_policy",
+        "randaugment",
+        list(config_lib.AUG_POLICIES),
+        "Strong (aug) view of the unlabeled images: randaugment (UDA's, with --aug_ops, "
+        "--aug_num_layers, ...) or color (UniMatch's colour jitter, greyscale and blur).",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "unsup_mix",
+        "none",
+        list(config_lib.UNSUP_MIXES),
+        "cutmix: CutMix between the unlabeled aug views of a batch (p 0.5, box 2-40 % of "
+        "the crop, UniMatch); the targets are mixed with the same boxes. none: off.",
         flag_values=fv,
     )
     flags.DEFINE_enum(

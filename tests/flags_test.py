@@ -207,6 +207,56 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, f"--{flag}="):
             _config(*argv)
 
+    def test_strong_view_flags(self):
+        cfg = _config(
+            "--unsup_ratio=2", "--uda_loss=ce", "--unsup_mix=cutmix", "--aug_policy=color"
+        )
+        self.assertEqual(cfg.uda.uda_loss, "ce")
+        self.assertEqual((cfg.data.unsup_mix, cfg.uda.unsup_mix), ("cutmix", "cutmix"))
+        self.assertEqual(cfg.data.aug_policy, "color")
+        # FLAGS.json records them and reads them back.
+        written = json.loads(json.dumps(cfg.to_dict()))
+        self.assertEqual(written["uda"]["uda_loss"], "ce")
+        self.assertEqual(written["data"]["unsup_mix"], "cutmix")
+        self.assertEqual(written["data"]["aug_policy"], "color")
+        self.assertEqual(config_lib.Config.from_dict(written), cfg)
+        # A FLAGS.json written before these flags reads back with their defaults.
+        for part, key in (("uda", "uda_loss"), ("uda", "unsup_mix"), ("data", "unsup_mix")):
+            del written[part][key]
+        del written["data"]["aug_policy"]
+        old = config_lib.Config.from_dict(written).validate()
+        self.assertEqual((old.uda.uda_loss, old.uda.unsup_mix), ("kl", "none"))
+        self.assertEqual((old.data.unsup_mix, old.data.aug_policy), ("none", "randaugment"))
+
+    @parameterized.parameters(
+        (("--uda_loss=ce",), "uda_loss", "unsup_ratio"),
+        (("--unsup_mix=cutmix",), "unsup_mix", "unsup_ratio"),
+        (
+            ("--unsup_ratio=1", "--uda_loss=ce", "--uda_softmax_temp=0.4"),
+            "uda_loss",
+            "uda_softmax_temp",
+        ),
+        (
+            ("--unsup_ratio=1", "--train_batch_size=1", "--unsup_mix=cutmix"),
+            "unsup_mix",
+            "train_batch_size",
+        ),
+        (("--aug_policy=color", "--aug_ops=photometric"), "aug_ops", "aug_policy"),
+        (("--aug_policy=color", "--aug_num_layers=3"), "aug_num_layers", "aug_policy"),
+    )
+    def test_invalid_combinations_name_both_flags(self, argv, flag, other):
+        with self.assertRaisesRegex(ValueError, f"^[^\\n]*--{flag}=[^\\n]*--{other}=[^\\n]*$"):
+            _config(*argv)
+
+    def test_valid_combinations_of_the_strong_view_flags(self):
+        for argv in (
+            ("--uda_loss=ce", "--uda_target=ema", "--uda_confidence_thresh=0.95"),
+            ("--uda_loss=ce", "--ent_min_coeff=0.1"),
+            ("--unsup_mix=cutmix", "--uda_target=inference", "--aug_policy=color"),
+        ):
+            cfg = _config("--unsup_ratio=1", "--train_batch_size=2", *argv)
+            self.assertEqual(cfg.uda.unsup_ratio, 1)
+
     def test_readme_names_every_flag(self):
         docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
         with open(docs) as f:
@@ -214,7 +264,14 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         for name in uda_flags.flag_names():
             self.assertTrue(f"`--{name}" in text, f"--{name} is not in {docs}")
 
-    @parameterized.parameters("--tsa=linear", "--model_name=wrn", "--strategy=horovod")
+    @parameterized.parameters(
+        "--tsa=linear",
+        "--model_name=wrn",
+        "--strategy=horovod",
+        "--uda_loss=mse",
+        "--unsup_mix=mixup",
+        "--aug_policy=autoaugment",
+    )
     def test_unknown_enum_values_fail_at_parsing(self, arg):
         with self.assertRaisesRegex(flags.IllegalFlagValueError, arg.split("=")[0]):
             _parse(arg)
