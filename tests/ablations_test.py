@@ -52,6 +52,35 @@ class PlanTest(tf.test.TestCase):
             ablations.plan(output_dir="o", names=["thresh9"], fraction="1/8", num_seeds=1,
                            num_train=367)  # fmt: skip
 
+    def test_strong_variants_tune_uda_strong_one_unlabeled_flag_at_a_time(self):
+        strong = {n: v for n, v in ablations.VARIANTS.items() if n.startswith("strong_")}
+        self.assertGreaterEqual(len(strong), 4)
+        for name, variant in strong.items():
+            self.assertEqual((variant.method, variant.reference), ("uda_strong", "uda_strong"))
+            keys = {f[2:].split("=")[0] for f in variant.flags}
+            self.assertTrue(keys <= set(le.STRONG_FLAGS) | {"uda_softmax_temp"}, name)
+
+    def test_a_tuning_row_is_named_by_its_variant(self):
+        ((name, run),) = ablations.plan(
+            output_dir=tempfile.mkdtemp(), names=["strong_kl"], fraction="1/8", num_seeds=1,
+            num_train=367,
+        )  # fmt: skip
+        os.makedirs(run.model_dir)
+        evaluate.write_results(
+            os.path.join(run.model_dir, "results.txt"), {"mean_iou": 0.5, "iou/sky": 0.9},
+            global_step=1200,
+        )  # fmt: skip
+        args = le.run_flags(
+            run, task_name="camvid", data_dir="d", preset="cpu",
+            extra=list(ablations.VARIANTS[name].flags),
+        )  # fmt: skip
+        row = ablations.tuning_row(name, le.execute(run, args), args, le.PRESETS["cpu"])
+        self.assertEqual((row["method"], row["tuning"], row["steps"]), ("strong_kl", True, 1200))
+        self.assertIn("--uda_target=ema", row["flags"])  # uda_strong's, over the preset
+        flags_set = set(row["flags"].split())
+        self.assertContainsSubset({"--uda_loss=kl", "--uda_softmax_temp=0.4"}, flags_set)
+        self.assertNotIn("--uda_loss=ce", flags_set)  # the variant's value wins
+
     def test_every_reference_is_a_variant(self):
         for name, variant in ablations.VARIANTS.items():
             self.assertIn(variant.method, le.METHODS, name)

@@ -5,10 +5,35 @@ import os
 import tempfile
 
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 
+from flags import uda_flags
 from uda_tf import evaluate
 from uda_tf.experiments import label_efficiency as le
+
+# The flags a method may set: the unlabeled loss and its data, nothing else.
+UNLABELED_FLAGS = {
+    "unsup_ratio",
+    "uda_confidence_thresh",
+    "uda_softmax_temp",
+    "unsup_coeff",
+    "aug_policy",
+    "unsup_mix",
+    "uda_loss",
+    "uda_target",
+}
+
+
+def _fake_weights_dir() -> str:
+    """A folder holding an (empty) file of the pretrained preset's name."""
+    path = tempfile.mkdtemp()
+    open(os.path.join(path, le.MOBILENET_V2_035), "w").close()
+    return path
+
+
+def _parsed(args: list[str]) -> dict[str, str]:
+    return dict(a[2:].split("=", 1) for a in args)
 
 
 class PlanTest(tf.test.TestCase, parameterized.TestCase):
@@ -25,7 +50,11 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_methods_differ_only_in_the_unlabeled_loss(self):
         runs = le.plan_runs(
-            output_dir="out", fraction_list=["1/8"], num_seeds=2, methods=le.METHODS, num_train=367
+            output_dir="out",
+            fraction_list=["1/8"],
+            num_seeds=2,
+            methods=("supervised", "uda"),
+            num_train=367,
         )
         self.assertLen(runs, 4)
         by_key = {(r.method, r.seed): r for r in runs}
@@ -56,6 +85,89 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(uda[-1], "--train_steps=7")  # extra flags come last and win.
 
 
+class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
+    def _method_flags(self, weights_dir: str) -> dict[str, dict[str, str]]:
+        runs = le.plan_runs(
+            output_dir="out", fraction_list=["1/8"], num_seeds=1, methods=le.METHODS, num_train=367
+        )
+        return {
+            run.method: _parsed(
+                le.run_flags(
+                    run,
+                    task_name="camvid",
+                    data_dir="d",
+                    preset="cpu_pretrained",
+                    extra=[],
+                    weights_dir=weights_dir,
+                )
+            )
+            for run in runs
+        }
+
+    def test_every_method_trains_the_same_model_steps_and_batches(self):
+        weights_dir = _fake_weights_dir()
+        by_method = self._method_flags(weights_dir)
+        self.assertEqual(set(by_method), {"supervised", "uda", "uda_strong"})
+        preset = le.PRESETS["cpu_pretrained"]
+        self.assertEmpty(set(preset) & UNLABELED_FLAGS)
+        for method, parsed in by_method.items():
+            for key in set(preset) - {"backbone_weights"}:
+                self.assertEqual(parsed[key], str(preset[key]), f"{method}: --{key}")
+            self.assertEqual(
+                parsed["backbone_weights"], os.path.join(weights_dir, le.MOBILENET_V2_035)
+            )
+            self.assertTrue(
+                set(parsed) - set(preset) - set(le.record_lib.RUN_KEYS) <= UNLABELED_FLAGS
+            )
+        self.assertEqual(by_method["supervised"]["unsup_ratio"], "0")
+        strong = by_method["uda_strong"]
+        self.assertEqual(
+            {k: strong[k] for k in ("aug_policy", "unsup_mix", "uda_loss", "uda_target")},
+            {"aug_policy": "color", "unsup_mix": "cutmix", "uda_loss": "ce", "uda_target": "ema"},
+        )
+        self.assertEqual(strong["uda_confidence_thresh"], "0.95")
+        self.assertEqual(by_method["uda"]["uda_softmax_temp"], "0.4")
+
+    def test_the_model_is_the_pretrained_deeplab(self):
+        preset = le.PRESETS["cpu_pretrained"]
+        self.assertEqual(
+            (preset["model_name"], preset["backbone"], preset["backbone_width"]),
+            ("deeplabv3plus", "mobilenetv2", 0.35),
+        )
+        self.assertIn(preset["decoder_filters"], (64, 96))
+        self.assertEqual(preset["output_stride"], 16)
+        # The crop fits the 90x120 frames of CamVid at --resize_factor=0.5.
+        self.assertLessEqual(preset["crop_height"], 90)
+        self.assertLessEqual(preset["crop_width"], 120)
+
+    def test_missing_weights_name_their_path(self):
+        empty = tempfile.mkdtemp()
+        want = os.path.join(empty, le.MOBILENET_V2_035)
+        with self.assertRaisesRegex(ValueError, f"{want}.*--weights_dir"):
+            le.preset_values("cpu_pretrained", empty)
+        self.assertNotIn("backbone_weights", le.preset_values("cpu", empty))
+
+    def test_default_weights_dir_is_beside_the_repo(self):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.assertEqual(
+            le.DEFAULT_WEIGHTS_DIR,
+            os.path.join(os.path.dirname(repo), "shared", "data", "weights"),
+        )
+
+    @parameterized.parameters(*le.METHODS)
+    def test_each_method_is_a_valid_uda_tf_main_config(self, method):
+        flag_values = flags.FlagValues()
+        uda_flags.define_flags(flag_values)
+        args = self._method_flags(_fake_weights_dir())[method]
+        missing = sorted(k for k in args if k not in flag_values)
+        if missing:  # Flags another change adds; the preset names them already.
+            self.skipTest(f"uda_tf.main has no --{missing} yet.")
+        flag_values(["uda_tf.main", *(f"--{k}={v}" for k, v in args.items())])
+        cfg = uda_flags.config_from_flags(flag_values)  # validates
+        self.assertEqual(cfg.model.backbone_width, 0.35)
+        self.assertEqual(cfg.uda.unsup_ratio, 0 if method == "supervised" else 2)
+
+
 class ReportTest(tf.test.TestCase):
     def test_finished_runs_are_not_repeated_and_reports_are_written(self):
         out = tempfile.mkdtemp()
@@ -63,7 +175,7 @@ class ReportTest(tf.test.TestCase):
             output_dir=out,
             fraction_list=["1/8", "1"],
             num_seeds=2,
-            methods=le.METHODS,
+            methods=("supervised", "uda"),
             num_train=367,
         )
         rows = []

@@ -13,6 +13,12 @@ and `uda` (the preset's UDA) are the references. A variant's runs live in
 run's mIoU, the mean, and the difference with its reference over the same
 seeds). Flags given after `--` go to every run. `--report_only` trains nothing
 and reports the finished runs among those planned.
+
+The `strong_*` variants tune `uda_strong` (the field's recipe) one change at
+a time. With `--record=docs/results/<name>.csv` every variant with flags is
+written to that record as a tuning run (seed 0 only, `--seeds=1`), beside the
+label-efficiency runs of the same record; the reference methods are recorded
+by label_efficiency.
 """
 
 import csv
@@ -24,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from uda_tf.experiments import label_efficiency as le
+from uda_tf.experiments import record as record_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,41 @@ VARIANTS = {
     ),
     "ema_target": Variant(
         "uda", ("--uda_target=ema",), "target from the EMA network (a mean teacher)"
+    ),
+    "uda_strong": Variant(
+        "uda_strong",
+        (),
+        "the field's recipe: colour view + CutMix, CE to the EMA teacher's argmax, thresh 0.95",
+    ),
+    "strong_kl": Variant(
+        "uda_strong",
+        ("--uda_loss=kl", "--uda_softmax_temp=0.4"),
+        "KL to the teacher sharpened at T 0.4 instead of CE to its argmax",
+        "uda_strong",
+    ),
+    "strong_thresh0.8": Variant(
+        "uda_strong", ("--uda_confidence_thresh=0.8",), "confidence threshold 0.8", "uda_strong"
+    ),
+    "strong_inference": Variant(
+        "uda_strong",
+        ("--uda_target=inference",),
+        "target from the network in inference mode, not the EMA teacher",
+        "uda_strong",
+    ),
+    "strong_shared": Variant(
+        "uda_strong",
+        ("--uda_target=shared",),
+        "target from the shared training-mode pass (UDA's), not the EMA teacher",
+        "uda_strong",
+    ),
+    "strong_no_cutmix": Variant(
+        "uda_strong", ("--unsup_mix=none",), "no CutMix between the unlabeled images", "uda_strong"
+    ),
+    "strong_randaugment": Variant(
+        "uda_strong",
+        ("--aug_policy=randaugment",),
+        "UDA's RandAugment + Cutout as the strong view instead of the colour one",
+        "uda_strong",
     ),
     "supervised_4800": Variant(
         "supervised", ("--train_steps=4800", "--save_steps=1200"), "supervised, 2x steps", ""
@@ -127,6 +169,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_row(name: str, run_row: dict, args: list[str], preset: dict) -> dict:
+    """The record row of a variant's run: a tuning run, named by the variant."""
+    row = record_lib.record_row(
+        run_row, flags=record_lib.differing_flags(args, preset), tuning=True
+    )
+    return {**row, "method": name}
+
+
 def write_outputs(rows: list[dict], output_dir: str) -> None:
     """ablations.csv and ablations.md in output_dir."""
     with open(os.path.join(output_dir, "ablations.csv"), "w", newline="", encoding="utf-8") as f:
@@ -144,12 +194,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 1, "Seeds per variant (0..seeds-1).")
     flags.DEFINE_list(
         "variants",
-        [n for n in VARIANTS if not n.endswith("_4800")],  # the 2x-step pair on request
+        # The 2x-step pair and the uda_strong tuning on request.
+        [n for n in VARIANTS if not n.endswith("_4800") and "strong" not in n],
         f"Some of {list(VARIANTS)}.",
     )
     flags.DEFINE_enum("preset", "cpu", list(le.PRESETS), "Model, crop and schedule preset.")
     flags.DEFINE_string("output_dir", "runs/ablations", "Where runs and reports go.")
     flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
+    le.define_record_flags()
     flags.DEFINE_bool(
         "report_only",
         False,
@@ -162,6 +214,14 @@ def main(argv: list[str]) -> None:
     cfg = flags.FLAGS
     num_train = le.check_common_flags(cfg)
     (fraction,) = le.parse_fractions(cfg.fraction)
+    if cfg.record and cfg.seeds != 1:
+        raise app.UsageError(
+            f"--record takes tuning runs of seed 0 only: --seeds=1, not {cfg.seeds}."
+        )
+    try:
+        preset = le.preset_values(cfg.preset, cfg.weights_dir)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     planned = plan(
         output_dir=cfg.output_dir,
         names=cfg.variants,
@@ -176,10 +236,21 @@ def main(argv: list[str]) -> None:
             continue
         extra = list(VARIANTS[name].flags) + argv[1:]
         args = le.run_flags(
-            run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
+            run,
+            task_name=cfg.task_name,
+            data_dir=cfg.data_dir,
+            preset=cfg.preset,
+            extra=extra,
+            weights_dir=cfg.weights_dir,
         )
         rows.append({"variant": name, **le.execute(run, args)})
         write_outputs(rows, cfg.output_dir)  # a report after every run, as label_efficiency
+        if cfg.record and VARIANTS[name].flags:
+            record_lib.update_record(
+                cfg.record,
+                [tuning_row(name, rows[-1], args, preset)],
+                f"{cfg.task_name}, preset {cfg.preset}",
+            )
     if not rows:
         write_outputs(rows, cfg.output_dir)
     with open(os.path.join(cfg.output_dir, "ablations.md"), encoding="utf-8") as f:

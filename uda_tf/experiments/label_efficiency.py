@@ -15,8 +15,21 @@ not repeated, so the command resumes where it stopped. The output folder gets
 
 Presets (`--preset`): `cpu` runs the 1/8 comparison (2 methods x 3 seeds) in
 40 to 75 minutes on 2 cores (a supervised run 3-5 minutes, a UDA run 11-20,
-depending on the machine); `gpu` is the full-size recipe. Flags given after
-`--` go to every `uda_tf.main` call and override the preset.
+depending on the machine); `cpu_pretrained` is DeepLabv3+ on the ImageNet
+MobileNetV2 (alpha 0.35, read from --weights_dir, nothing downloaded) at the
+same resolution (see the README for its cost); `gpu` is the full-size
+recipe. Flags given after `--` go to every `uda_tf.main` call and override
+the preset.
+
+Methods (`--methods`, METHOD_FLAGS): `supervised` (--unsup_ratio=0), `uda`
+(the original's recipe: RandAugment 15 ops + Cutout, KL to a target
+sharpened at T 0.4, confidence 0.8) and `uda_strong` (the field's: colour
+view + CutMix, cross-entropy to the mean teacher's argmax, confidence 0.95).
+
+`--record=docs/results/<name>.csv` also writes every run to that record
+(uda_tf/experiments/record.py: one row per run, the flags that differ from
+the preset, tuning or not) and its plot beside it (`<name>.png`);
+`--report_only` trains nothing and prints the record's markdown tables.
 """
 
 import csv
@@ -31,6 +44,15 @@ import numpy as np
 from absl import app, flags, logging
 
 from uda_tf import evaluate
+from uda_tf.experiments import record as record_lib
+from uda_tf.experiments.record import plot, summarize
+
+# <repo>/../shared/data/weights: where the pretrained preset's file is read
+# (--weights_dir overrides it).
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_WEIGHTS_DIR = os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "weights")
+# keras.applications' ImageNet MobileNetV2, alpha 0.35, without its classifier.
+MOBILENET_V2_035 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
 # Every preset trains the same way for both methods: only unsup_ratio differs.
 PRESETS = {
@@ -51,6 +73,33 @@ PRESETS = {
         "moving_average_decay": 0.995,
         "eval_batch_size": 8,
         "save_steps": 600,
+        "iterations": 50,
+        "num_vis_images": 0,
+    },
+    # DeepLabv3+ on the ImageNet MobileNetV2 0.35 (a file name, resolved in
+    # --weights_dir by `preset_values`), the `cpu` preset's frames (90x120,
+    # scored at the stored 180x240) and labeled batch; the steps fit 3 methods
+    # x 3 seeds in about 150 minutes on 2 cores (README).
+    "cpu_pretrained": {
+        "model_name": "deeplabv3plus",
+        "backbone": "mobilenetv2",
+        "backbone_width": 0.35,
+        "backbone_weights": MOBILENET_V2_035,
+        "decoder_filters": 64,
+        "output_stride": 16,
+        "resize_factor": 0.5,
+        "crop_height": 88,
+        "crop_width": 120,
+        "min_scale": 0.75,
+        "max_scale": 1.5,
+        "train_batch_size": 4,
+        "train_steps": 1200,
+        "learning_rate": 0.01,
+        "warmup_steps": 50,
+        "weight_decay_rate": 1e-4,
+        "moving_average_decay": 0.99,
+        "eval_batch_size": 8,
+        "save_steps": 400,
         "iterations": 50,
         "num_vis_images": 0,
     },
@@ -77,8 +126,23 @@ UDA_FLAGS = {
     "uda_softmax_temp": 0.4,
     "unsup_coeff": 1.0,
 }
+# The field's recipe (FixMatch / UniMatch for segmentation): colour jitter,
+# greyscale and blur for the strong view, CutMix between the unlabeled images,
+# cross-entropy to the argmax of the mean teacher's prediction above 0.95.
+STRONG_FLAGS = {
+    "unsup_ratio": 2,
+    "aug_policy": "color",
+    "unsup_mix": "cutmix",
+    "uda_loss": "ce",
+    "uda_confidence_thresh": 0.95,
+    "uda_softmax_temp": -1,
+    "uda_target": "ema",
+    "unsup_coeff": 1.0,
+}
+# Each method's flags over the preset: only the unlabeled loss differs.
+METHOD_FLAGS = {"supervised": {"unsup_ratio": 0}, "uda": UDA_FLAGS, "uda_strong": STRONG_FLAGS}
 NUM_TRAIN = {"camvid": 367, "cityscapes": 2975}
-METHODS = ("supervised", "uda")
+METHODS = tuple(METHOD_FLAGS)
 CSV_FIELDS = (
     "fraction",
     "sup_size",
@@ -87,6 +151,7 @@ CSV_FIELDS = (
     "mean_iou",
     "pixel_accuracy",
     "wall_s",
+    "steps",
     "model_dir",
 )
 
@@ -158,9 +223,32 @@ def plan_runs(*, output_dir, fraction_list, num_seeds, methods, num_train) -> li
     return runs
 
 
-def run_flags(run: Run, *, task_name, data_dir, preset, extra) -> list[str]:
-    """The uda_tf.main command line of one run."""
+def preset_values(preset: str, weights_dir: str | None = None) -> dict:
+    """The preset's uda_tf.main flags, its backbone_weights file found in weights_dir.
+
+    Args:
+      preset: a key of PRESETS.
+      weights_dir: where a preset's weights file is read (None:
+        DEFAULT_WEIGHTS_DIR, <repo>/../shared/data/weights).
+
+    Raises:
+      ValueError: naming the weights file's path when it does not exist.
+    """
     values = dict(PRESETS[preset])
+    if values.get("backbone_weights"):
+        path = os.path.join(weights_dir or DEFAULT_WEIGHTS_DIR, values["backbone_weights"])
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"--preset={preset} needs the ImageNet backbone file {path}, which does not "
+                "exist; put it there or pass --weights_dir (nothing is downloaded)."
+            )
+        values["backbone_weights"] = path
+    return values
+
+
+def run_flags(run: Run, *, task_name, data_dir, preset, extra, weights_dir=None) -> list[str]:
+    """The uda_tf.main command line of one run (see `preset_values` for weights_dir)."""
+    values = preset_values(preset, weights_dir)
     values.update(
         task_name=task_name,
         data_dir=data_dir,
@@ -170,10 +258,7 @@ def run_flags(run: Run, *, task_name, data_dir, preset, extra) -> list[str]:
         do_train=True,
         do_eval=True,
     )
-    if run.method == "uda":
-        values.update(UDA_FLAGS)
-    else:
-        values["unsup_ratio"] = 0
+    values.update(METHOD_FLAGS[run.method])
     args = [f"--{key}={value}" for key, value in values.items()]
     return args + list(extra)
 
@@ -215,30 +300,9 @@ def execute(run: Run, args: list[str]) -> dict:
         "mean_iou": results["mean_iou"],
         "pixel_accuracy": results.get("pixel_accuracy", float("nan")),
         "wall_s": wall,
+        "steps": int(results.get("global_step", -1)),
         "model_dir": run.model_dir,
     }
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std of mIoU (in points) per (fraction, method), in run order."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        groups.setdefault((row["fraction"], row["method"]), []).append(100 * row["mean_iou"])
-    out = []
-    for (fraction, method), values in groups.items():
-        values_np = np.asarray(values)
-        std = float(values_np.std(ddof=1)) if len(values) > 1 else 0.0
-        out.append(
-            {
-                "fraction": fraction,
-                "method": method,
-                "n": len(values),
-                "mean": float(values_np.mean()),
-                "std": std,
-                "values": values,
-            }
-        )
-    return out
 
 
 def markdown_table(summary: list[dict], total_wall_s: float) -> str:
@@ -256,49 +320,6 @@ def markdown_table(summary: list[dict], total_wall_s: float) -> str:
     lines.append("")
     lines.append(f"Total training wall time: {total_wall_s / 60:.1f} min.")
     return "\n".join(lines) + "\n"
-
-
-def plot(summary: list[dict], path: str, title: str) -> None:
-    """mIoU vs labeled fraction, one line per method, std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = list(dict.fromkeys(s["method"] for s in summary))
-    for i, method in enumerate(methods):
-        points = sorted(
-            (float(fractions_lib.Fraction(s["fraction"])), s["mean"], s["std"], s["values"])
-            for s in summary
-            if s["method"] == method
-        )
-        x, y, e, values = zip(*points)
-        # Each method nudged sideways so that the methods' bars and dots do not overlap.
-        nudge = 2 ** (0.06 * (i - (len(methods) - 1) / 2))
-        x_nudged = [xi * nudge for xi in x]
-        bar = ax.errorbar(
-            x_nudged, y, yerr=e, marker="o", capsize=4, label=f"{method} (mean ± std, runs)"
-        )
-        run_x = [xi for xi, vs in zip(x_nudged, values) for _ in vs]
-        run_y = [v for vs in values for v in vs]
-        ax.scatter(run_x, run_y, s=14, alpha=0.5, color=bar[0].get_color())
-    fractions = sorted({s["fraction"] for s in summary}, key=fractions_lib.Fraction)
-    ticks = [float(fractions_lib.Fraction(f)) for f in fractions]
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, fractions)
-    ax.minorticks_off()
-    ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
-    ax.set_xlabel("labeled fraction of the train set")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    low, high = ax.get_ylim()
-    ax.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the data
-    ax.legend(loc="upper center", ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_outputs(rows: list[dict], output_dir: str, title: str) -> None:
@@ -319,18 +340,49 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "The dataset root.")
     flags.DEFINE_string("fractions", "1/16,1/8,1/4,1", "Labeled fractions, comma separated.")
     flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0..seeds-1).")
-    flags.DEFINE_list("methods", list(METHODS), "supervised and/or uda.")
+    flags.DEFINE_list("methods", ["supervised", "uda"], f"Some of {list(METHODS)}.")
     flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model, crop and schedule preset.")
     flags.DEFINE_string("output_dir", "runs/label_efficiency", "Where runs and reports go.")
     flags.DEFINE_integer("num_train", None, "Train-set size (default: the task's).")
+    define_record_flags()
+    flags.DEFINE_bool(
+        "report_only",
+        False,
+        "Train nothing: print the markdown tables of the --record CSV (and redraw its plot).",
+    )
+
+
+def define_record_flags() -> None:
+    """--weights_dir and --record (label_efficiency and ablations)."""
+    flags.DEFINE_string(
+        "weights_dir",
+        None,
+        f"Where a preset's ImageNet backbone file is read (default {DEFAULT_WEIGHTS_DIR}).",
+    )
+    flags.DEFINE_string(
+        "record",
+        None,
+        "A record CSV (e.g. docs/results/camvid_pretrained.csv) that every finished run is "
+        "written to, its plot beside it; kept rows of other experiments.",
+    )
 
 
 def main(argv: list[str]) -> None:
     cfg = flags.FLAGS
+    title = f"{cfg.task_name}, preset {cfg.preset}"
+    if cfg.report_only:
+        if not cfg.record:
+            raise app.UsageError("--report_only reads the runs of a --record CSV.")
+        print(record_lib.report_record(cfg.record, title))
+        return
     num_train = check_common_flags(cfg)
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
+    try:
+        preset = preset_values(cfg.preset, cfg.weights_dir)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     os.makedirs(cfg.output_dir, exist_ok=True)
     runs = plan_runs(
         output_dir=cfg.output_dir,
@@ -343,10 +395,19 @@ def main(argv: list[str]) -> None:
     rows = []
     for run in runs:
         args = run_flags(
-            run, task_name=cfg.task_name, data_dir=cfg.data_dir, preset=cfg.preset, extra=extra
+            run,
+            task_name=cfg.task_name,
+            data_dir=cfg.data_dir,
+            preset=cfg.preset,
+            extra=extra,
+            weights_dir=cfg.weights_dir,
         )
         rows.append(execute(run, args))
-        write_outputs(rows, cfg.output_dir, f"{cfg.task_name}, preset {cfg.preset}")
+        write_outputs(rows, cfg.output_dir, title)
+        if cfg.record:
+            flags_text = record_lib.differing_flags(args, preset)
+            new = record_lib.record_row(rows[-1], flags=flags_text, tuning=False)
+            record_lib.update_record(cfg.record, [new], title)
     with open(os.path.join(cfg.output_dir, "summary.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"CSV: {os.path.join(cfg.output_dir, 'runs.csv')}")
