@@ -55,13 +55,17 @@ MODELS = {
 PUBLISHED_GMACS = {
     "resnet50": (3.8, 224),
     "resnet101": (7.6, 224),
+    "mobilenetv1": (0.57, 224),
     "mobilenetv2": (0.30, 224),
+    "mobilenetv2_torchvision": (0.30, 224),
     "xception": (8.4, 299),
 }
 KERAS_APPS = {
     "resnet50": "ResNet50",
     "resnet101": "ResNet101",
+    "mobilenetv1": "MobileNet",
     "mobilenetv2": "MobileNetV2",
+    "mobilenetv2_torchvision": "MobileNetV2",
     "xception": "Xception",
 }
 
@@ -161,7 +165,7 @@ def time_step(model: keras.Model, height: int, width: int, batch: int, reps: int
 def check_backbones():
     print("\nBackbones without dilation: FLOP counter and parameter counts")
     print(
-        f"{'backbone':<12} {'size':>4} {'GMACs':>7} {'published':>9} {'params':>12} "
+        f"{'backbone':<23} {'size':>4} {'GMACs':>7} {'published':>9} {'params':>12} "
         f"{'keras.app':>12}"
     )
     for name in backbones.BACKBONES:
@@ -174,7 +178,7 @@ def check_backbones():
             ref = ctor(weights=None, include_top=False, input_shape=(None, None, 3))
             keras_params = f"{ref.count_params():,}"
         print(
-            f"{name:<12} {size:4d} {gmacs:7.2f} {published:9.2f} "
+            f"{name:<23} {size:4d} {gmacs:7.2f} {published:9.2f} "
             f"{net.count_params():12,} {keras_params:>12}"
         )
     print(

@@ -298,7 +298,8 @@ def _define_model_and_run(fv: flags.FlagValues) -> None:
         "backbone",
         "resnet50",
         list(config_lib.BACKBONES),
-        "DeepLabv3+ backbone.",
+        "DeepLabv3+ backbone (mobilenetv2_torchvision: torchvision's padding, for its "
+        "ImageNet weights).",
         flag_values=fv,
     )
     flags.DEFINE_integer("output_stride", 16, "DeepLabv3+ output stride: 8 or 16.", flag_values=fv)
@@ -306,6 +307,19 @@ def _define_model_and_run(fv: flags.FlagValues) -> None:
         "backbone_weights",
         None,
         "Local file of ImageNet backbone weights (nothing is downloaded); None = random init.",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "backbone_width",
+        1.0,
+        "DeepLabv3+ backbone channel multiplier (the MobileNets' alpha); 1.0 = the ImageNet "
+        "network. A keras.applications --backbone_weights file fixes it.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "decoder_filters",
+        256,
+        "DeepLabv3+ ASPP and decoder channels (DeepLab: 256).",
         flag_values=fv,
     )
     flags.DEFINE_integer("unet_depth", 4, "U-Net: number of down-sampling stages.", flag_values=fv)

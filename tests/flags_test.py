@@ -202,10 +202,32 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         (("--dev_size=0",), "dev_size"),
         (("--save_steps=0",), "save_steps"),
         (("--iterations=0",), "iterations"),
+        (("--backbone_width=0",), "backbone_width"),
+        (("--decoder_filters=0",), "decoder_filters"),
+        (("--backbone_width=0.5", "--backbone_weights=resnet50_notop.h5"), "backbone_width"),
+        (
+            ("--backbone=mobilenetv2", "--backbone_width=0.3", "--backbone_weights=m.h5"),
+            "backbone_width",
+        ),
     )
     def test_invalid_values_are_rejected_naming_the_flag(self, argv, flag):
         with self.assertRaisesRegex(ValueError, f"--{flag}="):
             _config(*argv)
+
+    def test_backbone_width_and_decoder_filters(self):
+        cfg = _config("--backbone=mobilenetv1", "--backbone_width=0.75", "--decoder_filters=64")
+        self.assertEqual((cfg.model.backbone_width, cfg.model.decoder_filters), (0.75, 64))
+        # keras.applications files exist at the MobileNets' alphas; a .weights.h5
+        # file saved from our own backbone may have any width.
+        for width, *argv in (
+            (0.35, "--backbone=mobilenetv2", "--backbone_weights=m.h5"),
+            (0.25, "--backbone_weights=ours.weights.h5"),
+            (0.5, "--model_name=unet", "--backbone_weights=resnet50.h5"),
+        ):
+            cfg = _config(f"--backbone_width={width}", *argv)
+            self.assertEqual(cfg.model.backbone_width, width)
+        with self.assertRaisesRegex(ValueError, r"^--backbone_width=0\.5 is invalid: .*\(1\.0,\)"):
+            _config("--backbone=xception", "--backbone_width=0.5", "--backbone_weights=x.h5")
 
     def test_strong_view_flags(self):
         cfg = _config(

@@ -12,7 +12,24 @@ from typing import Any
 TSA_SCHEDULES = ("", "linear_schedule", "log_schedule", "exp_schedule")
 TASK_NAMES = ("cityscapes", "camvid", "custom")
 MODEL_NAMES = ("deeplabv3plus", "unet")
-BACKBONES = ("resnet50", "resnet101", "mobilenetv2", "xception")
+BACKBONES = (
+    "resnet50",
+    "resnet101",
+    "mobilenetv1",
+    "mobilenetv2",
+    "mobilenetv2_torchvision",
+    "xception",
+)
+# The widths (alpha) that keras.applications has ImageNet files for; ResNet
+# and Xception have none but 1.0. Checked only with such a legacy .h5 file.
+BACKBONE_WIDTHS = {
+    "resnet50": (1.0,),
+    "resnet101": (1.0,),
+    "mobilenetv1": (0.25, 0.5, 0.75, 1.0),
+    "mobilenetv2": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+    "mobilenetv2_torchvision": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+    "xception": (1.0,),
+}
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUG_OPS = ("all", "photometric")
 # --data_service_address: [grpc://]host:port of a tf.data service dispatcher.
@@ -142,6 +159,10 @@ class ModelConfig:
     backbone: str = "resnet50"
     output_stride: int = 16
     backbone_weights: str | None = None
+    # DeepLab backbone channel multiplier (the MobileNets' alpha) and
+    # ASPP/decoder channels.
+    backbone_width: float = 1.0
+    decoder_filters: int = 256
     unet_depth: int = 4
     unet_filters: int = 64
     # Batch statistics averaged across replicas (keras BatchNormalization
@@ -152,6 +173,20 @@ class ModelConfig:
         _check(self.model_name in MODEL_NAMES, "model_name", self.model_name, str(MODEL_NAMES))
         _check(self.backbone in BACKBONES, "backbone", self.backbone, str(BACKBONES))
         _check(self.output_stride in (8, 16), "output_stride", self.output_stride, "8 or 16")
+        _check(self.backbone_width > 0, "backbone_width", self.backbone_width, "> 0")
+        _check(self.decoder_filters >= 1, "decoder_filters", self.decoder_filters, ">= 1")
+        # A keras.applications (legacy .h5) file exists at a few widths only; a
+        # .weights.h5 file (Keras 3, saved from our backbone) may have any.
+        legacy_file = self.backbone_weights and not self.backbone_weights.endswith(".weights.h5")
+        if self.model_name == "deeplabv3plus" and legacy_file:
+            widths = BACKBONE_WIDTHS[self.backbone]
+            _check(
+                self.backbone_width in widths,
+                "backbone_width",
+                self.backbone_width,
+                f"one of {widths} with --backbone={self.backbone} and the keras.applications "
+                f"file --backbone_weights={self.backbone_weights!r}",
+            )
         _check(self.unet_depth >= 1, "unet_depth", self.unet_depth, ">= 1")
         _check(self.unet_filters >= 1, "unet_filters", self.unet_filters, ">= 1")
 

@@ -59,7 +59,16 @@ def _check_data(cfg: config_lib.Config):
 _RESUME_FIXED = (
     (
         "model",
-        ("model_name", "num_classes", "backbone", "output_stride", "unet_depth", "unet_filters"),
+        (
+            "model_name",
+            "num_classes",
+            "backbone",
+            "output_stride",
+            "backbone_width",
+            "decoder_filters",
+            "unet_depth",
+            "unet_filters",
+        ),
     ),
     ("train", ("mixed_precision",)),
 )

@@ -7,10 +7,13 @@ Contract of every model built here:
   output: float32 logits [N, H, W, num_classes] at the input resolution,
           also under `keras.mixed_precision.set_global_policy("mixed_float16")`
           (the logits conv and resize run in float32).
-Normalisation happens inside the model: the first layer computes
-(x - common.MEAN_RGB) / common.STD_RGB, so that the mean colour that fills
-padded and warped-in pixels is 0 for the network, and exported models
-(SavedModel, TFLite) take raw pixels.
+Normalisation happens inside the model, so that exported models (SavedModel,
+TFLite) take raw pixels: U-Net computes (x - common.MEAN_RGB) / common.STD_RGB
+(the mean colour that fills padded and warped-in pixels is 0 for the
+network); DeepLabv3+ normalises as its backbone's ImageNet weights were
+trained (backbones.INPUT_NORMALIZATION: x / 127.5 - 1 for the keras
+MobileNets and Xception, that mean/std for ResNet and torchvision's
+MobileNetV2), and records it in get_config.
 
 Batch norm: momentum 0.9, epsilon 1e-5, `synchronized=synchronized_bn`.
 Models save to .keras, round-trip through get_config/from_config, export to a
@@ -52,7 +55,8 @@ def build_model(
     synchronized_bn: bool = False,
     name: str | None = None,
     backbone_width: float = 1.0,
-    aspp_filters: int = 256,
+    decoder_filters: int = 256,
+    input_normalization: str | None = None,
 ) -> keras.Model:
     """Builds a segmentation model (see the module docstring for its contract).
 
@@ -68,9 +72,11 @@ def build_model(
       unet_filters: U-Net channels of the first level.
       synchronized_bn: synchronized batch norm across replicas.
       name: model name (default: model_name).
-      backbone_width: DeepLab backbone channel multiplier (1.0 = ImageNet; a
-        smaller one gives tiny test models).
-      aspp_filters: DeepLab ASPP and decoder channels.
+      backbone_width: DeepLab backbone channel multiplier (1.0 = ImageNet; the
+        MobileNets' alpha; a smaller one gives tiny test models).
+      decoder_filters: DeepLab ASPP and decoder channels (DeepLab: 256).
+      input_normalization: DeepLab input normalisation, "imagenet" or "tf";
+        None = the backbone's (backbones.INPUT_NORMALIZATION).
 
     Returns:
       A keras.Model: [N, H, W, 3] pixels -> [N, H, W, num_classes] float32.
@@ -85,12 +91,17 @@ def build_model(
             backbone=backbone,
             output_stride=output_stride,
             backbone_width=backbone_width,
-            aspp_filters=aspp_filters,
+            decoder_filters=decoder_filters,
             synchronized_bn=synchronized_bn,
+            input_normalization=input_normalization,
             name=name,
         )
         if backbone_weights:
-            load_backbone_weights(model.get_layer("backbone"), backbone_weights)
+            load_backbone_weights(
+                model.get_layer("backbone"),
+                backbone_weights,
+                input_normalization=model.input_normalization,
+            )
         return model
     if model_name == "unet":
         if backbone_weights:
@@ -120,6 +131,8 @@ def build_model_from_config(cfg: config_lib.ModelConfig, **overrides) -> keras.M
         "backbone": cfg.backbone,
         "output_stride": cfg.output_stride,
         "backbone_weights": cfg.backbone_weights,
+        "backbone_width": cfg.backbone_width,
+        "decoder_filters": cfg.decoder_filters,
         "unet_depth": cfg.unet_depth,
         "unet_filters": cfg.unet_filters,
         "synchronized_bn": cfg.synchronized_bn,

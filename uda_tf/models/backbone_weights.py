@@ -3,20 +3,29 @@
 Two file formats are read, with h5py:
   - Keras 3 weights files (`*.weights.h5`, from `model.save_weights` or
     `model.get_layer("backbone").save_weights`): taken as they are, i.e. as
-    weights of a network fed `PixelNormalization` outputs.
+    weights of a network fed the same `input_normalization` (a DeepLabV3Plus
+    of the same backbone).
   - Legacy Keras HDF5 files, the format of the `keras.applications` ImageNet
     files (`resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`,
     `resnet101_..._notop.h5`, `mobilenet_v2_weights_tf_dim_ordering_tf_kernels_
-    1.0_224_no_top.h5`, `xception_weights_tf_dim_ordering_tf_kernels_notop.h5`).
+    0.35_224_no_top.h5`, `mobilenet_7_5_224_tf_no_top.h5`,
+    `xception_weights_tf_dim_ordering_tf_kernels_notop.h5`; see
+    ../shared/data/weights/README.md for the torchvision MobileNetV2 file).
     These networks were trained on `preprocess_input` images (ResNet: 'caffe',
-    BGR minus the ImageNet mean; MobileNetV2, Xception: 'tf', x / 127.5 - 1),
-    so the loader folds that preprocessing into the first conv: its kernel is
-    scaled by STD_RGB (and its input channels reversed for 'caffe') and the
+    BGR minus the ImageNet mean; the MobileNets and Xception: 'tf',
+    x / 127.5 - 1). When the model's input normalisation is that one (the
+    default for the keras MobileNets and Xception), the file is loaded as it
+    is and the network is keras.applications' exactly. Otherwise the loader
+    folds the file's preprocessing into the first conv: its kernel is scaled
+    per input channel (and its input channels reversed for 'caffe') and the
     constant offset goes to the conv bias (ResNet) or to the moving mean of
-    the batch norm that follows (MobileNetV2, Xception). The folded network on
-    normalised pixels equals the original on its own preprocessing, except
-    within a few pixels of the border, where the zero padding now stands for
-    the ImageNet mean colour instead of the preprocessed zero.
+    the batch norm that follows (the MobileNets, Xception). The folded
+    network equals the original except within a few pixels of the border,
+    where the first conv's zero padding stands for the colour that the
+    model's normalisation maps to 0 (for ResNet, the ImageNet mean: caffe's to
+    0.5 levels; for the torchvision MobileNetV2 file, whose conversion folded
+    torchvision's mean/std into it, this folding gives torchvision's own
+    first conv back, border included).
 
 Layers are matched by name (case-insensitively, since MobileNetV2's are
 lower-cased here). A file layer with a Keras auto name ("conv2d_3",
@@ -34,15 +43,16 @@ import keras
 import numpy as np
 from absl import logging
 
-from uda_tf import common
+from uda_tf.models import backbones
 
 # keras.applications.imagenet_utils 'caffe' mean, in RGB order.
 _CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
-# First conv of each backbone -> (preprocessing mode, the batch norm after it).
+# First conv of each backbone -> (preprocessing mode, the batch norms that
+# may follow it: MobileNetV2's, MobileNet's).
 _FIRST_CONV = {
-    "conv1_conv": ("caffe", None),
-    "conv1": ("tf", "bn_conv1"),
-    "block1_conv1": ("tf", "block1_conv1_bn"),
+    "conv1_conv": ("caffe", ()),
+    "conv1": ("tf", ("bn_conv1", "conv1_bn")),
+    "block1_conv1": ("tf", ("block1_conv1_bn",)),
 }
 _AUTO_NAME = re.compile(r"^(conv2d|batch_normalization)(_\d+)?$")
 
@@ -103,17 +113,24 @@ def _read_keras3(group, weights, path) -> None:
         weights[name] = [np.asarray(variables[str(i)]) for i in range(len(variables))]
 
 
-def load_backbone_weights(backbone: keras.Model, path: str) -> None:
+def load_backbone_weights(backbone: keras.Model, path: str, *, input_normalization: str) -> None:
     """Sets every weight of `backbone` from `path`, or none of them.
 
     Args:
       backbone: a model from `backbones.build_backbone`.
       path: the weights file (see the module docstring).
+      input_normalization: how the backbone's inputs are normalised, a key of
+        `backbones.NORMALIZATIONS` (a DeepLabV3Plus's `input_normalization`).
 
     Raises:
       ValueError: naming the backbone layer that is missing from the file, or
         whose weights have another count or shape (expected vs found).
     """
+    if input_normalization not in backbones.NORMALIZATIONS:
+        raise ValueError(
+            f"input_normalization={input_normalization!r} is invalid: expected one of "
+            f"{tuple(backbones.NORMALIZATIONS)}."
+        )
     file_weights, legacy = read_weights_file(path)
     matches = _match_layers(backbone, file_weights, path)
     values = {}
@@ -127,8 +144,7 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> None:
                 f"{file_name!r}): expected weight shapes {expected}, found {found}."
             )
         values[layer.name] = [a.astype(np.float32) for a in arrays]
-    if legacy:
-        _fold_preprocessing(values, path)
+    folded = legacy and _fold_preprocessing(values, path, input_normalization)
     for layer in matches:
         layer.set_weights(values[layer.name])
     extra = sorted(set(file_weights) - set(matches.values()))
@@ -136,7 +152,9 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> None:
         "Loaded %d backbone layers from %s%s; skipped file layers: %s",
         len(matches),
         path,
-        " (keras.applications preprocessing folded in)" if legacy else "",
+        f" (keras.applications preprocessing folded into {input_normalization!r})"
+        if folded
+        else "",
         extra or "none",
     )
 
@@ -168,8 +186,18 @@ def _match_layers(backbone, file_weights, path) -> dict:
     return matches
 
 
-def _fold_preprocessing(values: dict[str, list[np.ndarray]], path: str) -> None:
-    """Rewrites the first conv (and BN) for PixelNormalization inputs, in place."""
+def _fold_preprocessing(values: dict[str, list[np.ndarray]], path: str, normalization: str) -> bool:
+    """Rewrites the first conv (and BN) for `normalization` inputs, in place.
+
+    The file's network takes p = (x[perm] - file_mean) / file_std (perm: RGB
+    -> BGR for 'caffe'); the model feeds n = (x - mean) / std, so p equals
+    n[perm] * scale + offset with scale = std[perm] / file_std and offset =
+    (mean[perm] - file_mean) / file_std.
+
+    Returns:
+      Whether anything changed (False when the file's preprocessing is the
+      model's normalisation).
+    """
     found = [name for name in _FIRST_CONV if name in values]
     if len(found) != 1:
         raise ValueError(
@@ -177,19 +205,26 @@ def _fold_preprocessing(values: dict[str, list[np.ndarray]], path: str) -> None:
             f"backbone (first conv candidates found: {found})."
         )
     conv_name = found[0]
-    mode, bn_name = _FIRST_CONV[conv_name]
-    mean = np.asarray(common.MEAN_RGB, np.float32)
-    std = np.asarray(common.STD_RGB, np.float32)
-    kernel = values[conv_name][0]  # [k, k, 3, C]
-    if mode == "caffe":
-        kernel = kernel[:, :, ::-1, :]  # BGR -> RGB input channels.
-        scale, offset = std, mean - np.asarray(_CAFFE_MEAN_RGB, np.float32)
+    mode, bn_names = _FIRST_CONV[conv_name]
+    if mode == normalization:
+        return False
+    mean, std = (np.asarray(v, np.float32) for v in backbones.NORMALIZATIONS[normalization])
+    if mode == "caffe":  # BGR minus the mean, in the file's (BGR) channel order.
+        perm = [2, 1, 0]
+        file_mean, file_std = np.asarray(_CAFFE_MEAN_RGB[::-1], np.float32), np.float32(1)
     else:
-        scale, offset = std / 127.5, mean / 127.5 - 1.0
-    values[conv_name][0] = kernel * scale[None, None, :, None]
+        perm = [0, 1, 2]
+        file_mean, file_std = (np.asarray(v, np.float32) for v in backbones.NORMALIZATIONS[mode])
+    scale = std[perm] / file_std
+    offset = (mean[perm] - file_mean) / file_std
+    kernel = values[conv_name][0]  # [k, k, 3, C], input channels in the file's order.
     shift = np.einsum("hwio,i->o", kernel, offset)  # [C]
+    # Rescale each file channel, then order the input channels as RGB.
+    values[conv_name][0] = (kernel * scale[None, None, :, None])[:, :, perm, :]
+    bn_name = next((n for n in bn_names if n in values), None)
     if bn_name is None:
         values[conv_name][1] = values[conv_name][1] + shift
     else:
         # BN weights: gamma, beta, moving_mean, moving_variance.
         values[bn_name][2] = values[bn_name][2] - shift
+    return True

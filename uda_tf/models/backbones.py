@@ -1,7 +1,8 @@
-"""Dilated ImageNet backbones for DeepLabv3+: ResNet-50/101, MobileNetV2, Xception.
+"""Dilated ImageNet backbones for DeepLabv3+: ResNet-50/101, MobileNet v1/v2, Xception.
 
 Each backbone is a `keras.Model` named "backbone" that takes normalised images
-[N, H, W, 3] (see `PixelNormalization`) and returns two feature maps:
+[N, H, W, 3] (see `PixelNormalization` and `INPUT_NORMALIZATION`) and returns
+two feature maps:
   low_level:  [N, ceil(H/4), ceil(W/4), C_low]   (the decoder's skip)
   high_level: [N, ceil(H/OS), ceil(W/OS), C_high] (the ASPP input)
 where OS is the output stride (8, 16 or 32). As in the DeepLab papers, the
@@ -9,8 +10,8 @@ strides of the last stage(s) become atrous rates (`DilationSchedule`), so the
 network keeps all its layers and weights at every output stride.
 
 Layer names and weight shapes are those of `keras.applications` (ResNet50,
-ResNet101, MobileNetV2 with `alpha`, Xception), lower-cased for MobileNetV2
-("Conv1" -> "conv1", "block_1_expand_BN" -> "block_1_expand_bn"); Xception's
+ResNet101, MobileNetV2 and MobileNet with `alpha`, Xception), lower-cased for
+MobileNetV2 ("Conv1" -> "conv1", "block_1_expand_BN" -> "block_1_expand_bn"); Xception's
 unnamed shortcut convs are called "blockN_shortcut" / "blockN_shortcut_bn".
 Hence `backbone_weights.load_backbone_weights` can read the
 keras.applications ImageNet files. Differences from keras.applications:
@@ -21,16 +22,51 @@ keras.applications ImageNet files. Differences from keras.applications:
   - MobileNetV2 stride-2 depthwise convs use 'same' padding (the same as
     keras's explicit pad for static sizes) and the network stops at block_16
     (320 channels), as DeepLab's, without the 1x1 Conv_1 to 1280 channels.
+    "mobilenetv2_torchvision" is the same network with torchvision's
+    symmetric padding: every stride-2 3x3 conv pads 1 pixel on each side
+    (ZeroPadding2D "conv1_pad" / "block_N_pad", then 'valid'), where keras
+    pads (0, 1) on even sizes; for the torchvision ImageNet weights.
+  - MobileNet (v1) stride-2 depthwise convs use 'same' padding too, and the
+    taps are conv_pw_3_relu (stride 4) and conv_pw_13_relu.
   - No multi-grid in ResNet's last stage.
 BN epsilon is the one the ImageNet weights were trained with (1.001e-5 for
-ResNet, 1e-3 for MobileNetV2 and Xception) and momentum is 0.9 everywhere.
+ResNet, 1e-3 for the MobileNets and Xception) and momentum is 0.9 everywhere.
 """
 
 import keras
 
+from uda_tf import common
 from uda_tf.models import layers as L
 
-BACKBONES = ("resnet50", "resnet101", "mobilenetv2", "xception")
+BACKBONES = (
+    "resnet50",
+    "resnet101",
+    "mobilenetv1",
+    "mobilenetv2",
+    "mobilenetv2_torchvision",
+    "xception",
+)
+# Input normalisations, (mean, std) of raw RGB pixels in [0, 255]:
+# "imagenet" = (x - MEAN_RGB) / STD_RGB; "tf" = x / 127.5 - 1 (keras
+# preprocess_input mode 'tf').
+NORMALIZATIONS = {
+    "imagenet": (common.MEAN_RGB, common.STD_RGB),
+    "tf": ((127.5,) * 3, (127.5,) * 3),
+}
+# Each backbone's input normalisation: the one its ImageNet weights were
+# trained with, zero padding included (the first conv pads with 0, i.e. with
+# the colour that normalises to 0). keras.applications' MobileNets and
+# Xception: 'tf'. torchvision: ImageNet mean/std. ResNet ('caffe', BGR minus
+# the mean, std 1): "imagenet", whose mean is caffe's to 0.5 levels; the
+# loader folds the rest into the first conv (backbone_weights.py).
+INPUT_NORMALIZATION = {
+    "resnet50": "imagenet",
+    "resnet101": "imagenet",
+    "mobilenetv1": "tf",
+    "mobilenetv2": "tf",
+    "mobilenetv2_torchvision": "imagenet",
+    "xception": "tf",
+}
 _RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 _RESNET_EPS = 1.001e-5
 _IMAGENET_EPS = 1e-3
@@ -48,8 +84,9 @@ def build_backbone(
     Args:
       name: one of BACKBONES.
       output_stride: 8, 16 or 32 (32 = the ImageNet network, no dilation).
-      width: channel multiplier; 1.0 is the ImageNet network. For MobileNetV2
-        it is keras's `alpha` (channels rounded to multiples of 8).
+      width: channel multiplier; 1.0 is the ImageNet network. For the
+        MobileNets it is keras's `alpha` (MobileNetV2 rounds channels to
+        multiples of 8, MobileNet truncates them).
       synchronized_bn: synchronized batch norm across replicas.
 
     Returns:
@@ -69,8 +106,10 @@ def build_backbone(
     kwargs = {"width": width, "schedule": schedule, "sync": synchronized_bn}
     if name in _RESNET_BLOCKS:
         low, high = _resnet(inputs, _RESNET_BLOCKS[name], **kwargs)
-    elif name == "mobilenetv2":
-        low, high = _mobilenet_v2(inputs, **kwargs)
+    elif name in ("mobilenetv2", "mobilenetv2_torchvision"):
+        low, high = _mobilenet_v2(inputs, symmetric_pad=name.endswith("torchvision"), **kwargs)
+    elif name == "mobilenetv1":
+        low, high = _mobilenet_v1(inputs, **kwargs)
     else:
         low, high = _xception(inputs, **kwargs)
     return keras.Model(inputs, [low, high], name="backbone")
@@ -157,14 +196,28 @@ _MOBILENET_V2_BLOCKS = (
 )
 
 
-def _mobilenet_v2(x, *, width, schedule, sync):
+def _pad_for(x, rate, *, symmetric, name):
+    """Padding of a 3x3 conv with nominal stride 2: 'same', or torchvision's.
+
+    Returns (x, padding). torchvision pads `rate` pixels on each side, then
+    runs a 'valid' conv: with stride 1 (a dilated unit) that is 'same'; with
+    stride 2 (always rate 1) it pads 1 pixel where 'same' pads (0, 1) on even
+    sizes.
+    """
+    if not symmetric:
+        return x, "same"
+    return keras.layers.ZeroPadding2D(rate, name=name)(x), "valid"
+
+
+def _mobilenet_v2(x, *, width, schedule, sync, symmetric_pad=False):
     """keras.applications MobileNetV2 (alpha = width) up to block_16."""
-    stride, _ = schedule.step(2)
+    stride, rate = schedule.step(2)
+    x, padding = _pad_for(x, rate, symmetric=symmetric_pad, name="conv1_pad")
     x = keras.layers.Conv2D(
         _make_divisible(32 * width),
         3,
         strides=stride,
-        padding="same",
+        padding=padding,
         use_bias=False,
         name="conv1",
     )(x)
@@ -178,10 +231,11 @@ def _mobilenet_v2(x, *, width, schedule, sync):
             _make_divisible(int(filters * width)),
             stride=stride,
             rate=rate,
-            residual=nominal_stride == 1,
+            nominal_stride=nominal_stride,
             expansion=expansion,
             block_id=block_id,
             sync=sync,
+            symmetric_pad=symmetric_pad,
         )
         if block_id == 2:
             # DeepLab's 'layer_4/depthwise_output': stride 4, 144 channels at width 1.
@@ -189,7 +243,9 @@ def _mobilenet_v2(x, *, width, schedule, sync):
     return low, x
 
 
-def _inverted_res_block(inputs, filters, *, stride, rate, residual, expansion, block_id, sync):
+def _inverted_res_block(
+    inputs, filters, *, stride, rate, nominal_stride, expansion, block_id, sync, symmetric_pad
+):
     in_channels = inputs.shape[-1]
     x = inputs
     if block_id:
@@ -201,10 +257,12 @@ def _inverted_res_block(inputs, filters, *, stride, rate, residual, expansion, b
         x = keras.layers.ReLU(6.0, name=f"{prefix}expand_relu")(x)
     else:
         prefix = "expanded_conv_"
+    symmetric = symmetric_pad and nominal_stride == 2
+    x, padding = _pad_for(x, rate, symmetric=symmetric, name=f"{prefix}pad")
     x = keras.layers.DepthwiseConv2D(
         3,
         strides=stride,
-        padding="same",
+        padding=padding,
         dilation_rate=rate,
         use_bias=False,
         name=f"{prefix}depthwise",
@@ -215,9 +273,59 @@ def _inverted_res_block(inputs, filters, *, stride, rate, residual, expansion, b
     x = _bn(f"{prefix}project_bn", sync, _IMAGENET_EPS)(x)
     # The residual depends on the nominal stride, so that every output stride
     # has the same layers.
-    if in_channels == filters and residual:
+    if in_channels == filters and nominal_stride == 1:
         x = keras.layers.Add(name=f"{prefix}add")([inputs, x])
     return x, depthwise
+
+
+# (pointwise filters, stride) of MobileNet's depthwise blocks 1..13.
+_MOBILENET_V1_BLOCKS = (
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    *((512, 1),) * 5,
+    (1024, 2),
+    (1024, 1),
+)
+
+
+def _mobilenet_v1(x, *, width, schedule, sync):
+    """keras.applications MobileNet (alpha = width, depth_multiplier 1)."""
+
+    def w(f):
+        return max(1, int(f * width))
+
+    stride, _ = schedule.step(2)
+    conv1 = keras.layers.Conv2D(
+        w(32), 3, strides=stride, padding="same", use_bias=False, name="conv1"
+    )
+    x = conv1(x)
+    x = _bn("conv1_bn", sync, _IMAGENET_EPS)(x)
+    x = keras.layers.ReLU(6.0, name="conv1_relu")(x)
+    low = None
+    for block_id, (filters, nominal_stride) in enumerate(_MOBILENET_V1_BLOCKS, start=1):
+        stride, rate = schedule.step(nominal_stride)
+        x = keras.layers.DepthwiseConv2D(
+            3,
+            strides=stride,
+            padding="same",
+            dilation_rate=rate,
+            use_bias=False,
+            name=f"conv_dw_{block_id}",
+        )(x)
+        x = _bn(f"conv_dw_{block_id}_bn", sync, _IMAGENET_EPS)(x)
+        x = keras.layers.ReLU(6.0, name=f"conv_dw_{block_id}_relu")(x)
+        x = keras.layers.Conv2D(
+            w(filters), 1, padding="same", use_bias=False, name=f"conv_pw_{block_id}"
+        )(x)
+        x = _bn(f"conv_pw_{block_id}_bn", sync, _IMAGENET_EPS)(x)
+        x = keras.layers.ReLU(6.0, name=f"conv_pw_{block_id}_relu")(x)
+        if block_id == 3:
+            low = x  # conv_pw_3_relu: stride 4, 128 * alpha channels.
+    return low, x
 
 
 def _sepconv(x, filters, name, *, rate, sync, relu_before):

@@ -1,11 +1,14 @@
 """DeepLabv3+ (Chen et al., 2018): dilated backbone, ASPP, low-level decoder.
 
     image [N, H, W, 3] raw pixels
-      -> PixelNormalization (MEAN_RGB / STD_RGB)
+      -> PixelNormalization: the backbone's (backbones.INPUT_NORMALIZATION:
+         x / 127.5 - 1 for the keras MobileNets and Xception, MEAN_RGB /
+         STD_RGB for ResNet and torchvision), recorded in get_config
       -> backbone (nested model "backbone"): low_level (stride 4), high_level (stride OS)
-      -> ASPP on high_level: 1x1 conv, three 3x3 atrous convs (rates 6/12/18 at
-         OS 16, doubled at OS 8, halved at OS 32), image pooling (global mean,
-         1x1 conv, BN, ReLU, resized back); concat, 1x1 projection, dropout
+      -> ASPP on high_level (decoder_filters channels, 256 as DeepLab): 1x1
+         conv, three 3x3 atrous convs (rates 6/12/18 at OS 16, doubled at OS 8,
+         halved at OS 32), image pooling (global mean, 1x1 conv, BN, ReLU,
+         resized back); concat, 1x1 projection, dropout
       -> decoder: 48-channel 1x1 projection of low_level, ASPP output resized to
          it, concat, two 3x3 convs, 1x1 logits conv
       -> bilinear resize of the logits to H x W (float32)
@@ -16,7 +19,6 @@ head (the backbone keeps its ImageNet epsilon, see backbones.py).
 
 import keras
 
-from uda_tf import common
 from uda_tf.models import backbones
 from uda_tf.models import layers as L
 
@@ -35,11 +37,15 @@ class DeepLabV3Plus(keras.Model):
       num_classes: K, the number of output channels.
       backbone: one of backbones.BACKBONES.
       output_stride: 8, 16 or 32, the stride of the ASPP input.
-      backbone_width: channel multiplier of the backbone (1.0 = ImageNet).
-      aspp_filters: channels of the ASPP branches and of the decoder convs.
+      backbone_width: channel multiplier of the backbone (1.0 = ImageNet; the
+        MobileNets' alpha).
+      decoder_filters: channels of the ASPP branches and of the decoder convs
+        (DeepLab: 256).
       low_level_filters: channels of the low-level projection (48).
       dropout_rate: dropout after the ASPP projection (DeepLab's keep 0.9).
       synchronized_bn: synchronized batch norm across replicas.
+      input_normalization: "imagenet" or "tf" (backbones.NORMALIZATIONS);
+        None = the backbone's, backbones.INPUT_NORMALIZATION.
       name: model name.
     """
 
@@ -49,31 +55,42 @@ class DeepLabV3Plus(keras.Model):
         backbone: str = "resnet50",
         output_stride: int = 16,
         backbone_width: float = 1.0,
-        aspp_filters: int = 256,
+        decoder_filters: int = 256,
         low_level_filters: int = 48,
         dropout_rate: float = 0.1,
         synchronized_bn: bool = False,
+        input_normalization: str | None = None,
         name: str | None = None,
         **kwargs,
     ):
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} is invalid: expected >= 1.")
+        if decoder_filters < 1:
+            raise ValueError(f"--decoder_filters={decoder_filters!r} is invalid: expected >= 1.")
+        if input_normalization is None:
+            input_normalization = backbones.INPUT_NORMALIZATION.get(backbone, "imagenet")
+        if input_normalization not in backbones.NORMALIZATIONS:
+            raise ValueError(
+                f"input_normalization={input_normalization!r} is invalid: expected one of "
+                f"{tuple(backbones.NORMALIZATIONS)}."
+            )
         sync = synchronized_bn
         image = keras.Input((None, None, 3), name="image")
-        x = L.PixelNormalization(common.MEAN_RGB, common.STD_RGB, name="normalization")(image)
+        mean, std = backbones.NORMALIZATIONS[input_normalization]
+        x = L.PixelNormalization(mean, std, name="normalization")(image)
         net = backbones.build_backbone(
             backbone, output_stride=output_stride, width=backbone_width, synchronized_bn=sync
         )
         low_level, high_level = net(x)
         rates = [r * 16 // output_stride for r in _BASE_RATES]
-        x = _aspp(high_level, aspp_filters, rates, dropout_rate, sync)
+        x = _aspp(high_level, decoder_filters, rates, dropout_rate, sync)
         low = L.conv_bn_relu(
             low_level, low_level_filters, 1, "decoder_low_level", synchronized=sync
         )
         x = L.ResizeLike(name="decoder_upsample")([x, low])
         x = keras.layers.Concatenate(name="decoder_concat")([x, low])
-        x = L.conv_bn_relu(x, aspp_filters, 3, "decoder_conv1", synchronized=sync)
-        x = L.conv_bn_relu(x, aspp_filters, 3, "decoder_conv2", synchronized=sync)
+        x = L.conv_bn_relu(x, decoder_filters, 3, "decoder_conv1", synchronized=sync)
+        x = L.conv_bn_relu(x, decoder_filters, 3, "decoder_conv2", synchronized=sync)
         x = keras.layers.Conv2D(num_classes, 1, name="logits", dtype="float32")(x)
         logits = L.ResizeLike(name="logits_upsample", dtype="float32")([x, image])
         super().__init__(inputs=image, outputs=logits, name=name or "deeplabv3plus", **kwargs)
@@ -81,10 +98,11 @@ class DeepLabV3Plus(keras.Model):
         self.backbone_name = backbone
         self.output_stride = output_stride
         self.backbone_width = backbone_width
-        self.aspp_filters = aspp_filters
+        self.decoder_filters = decoder_filters
         self.low_level_filters = low_level_filters
         self.dropout_rate = dropout_rate
         self.synchronized_bn = synchronized_bn
+        self.input_normalization = input_normalization
 
     def get_config(self):
         return {
@@ -92,15 +110,22 @@ class DeepLabV3Plus(keras.Model):
             "backbone": self.backbone_name,
             "output_stride": self.output_stride,
             "backbone_width": self.backbone_width,
-            "aspp_filters": self.aspp_filters,
+            "decoder_filters": self.decoder_filters,
             "low_level_filters": self.low_level_filters,
             "dropout_rate": self.dropout_rate,
             "synchronized_bn": self.synchronized_bn,
+            "input_normalization": self.input_normalization,
             "name": self.name,
         }
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        # Saved before decoder_filters and input_normalization existed: every
+        # backbone was fed (x - MEAN_RGB) / STD_RGB then.
+        if "aspp_filters" in config:
+            config["decoder_filters"] = config.pop("aspp_filters")
+        config.setdefault("input_normalization", "imagenet")
         return cls(**config)
 
 
