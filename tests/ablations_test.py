@@ -75,7 +75,10 @@ class PlanTest(tf.test.TestCase):
             extra=list(ablations.VARIANTS[name].flags),
         )  # fmt: skip
         row = ablations.tuning_row(name, le.execute(run, args), args, le.PRESETS["cpu"])
-        self.assertEqual((row["method"], row["tuning"], row["steps"]), ("strong_kl", True, 1200))
+        self.assertEqual(
+            (row["method"], row["tuning"], row["reference"], row["steps"]),
+            ("strong_kl", True, "uda_strong", 1200),
+        )
         self.assertIn("--uda_target=ema", row["flags"])  # uda_strong's, over the preset
         flags_set = set(row["flags"].split())
         self.assertContainsSubset({"--uda_loss=kl", "--uda_softmax_temp=0.4"}, flags_set)

@@ -11,14 +11,14 @@ from uda_tf.experiments import record
 
 # A fake record: 2 seeds of supervised, uda and uda_strong at 1/8, one tuning run.
 FAKE_CSV = """\
-fraction,method,seed,mean_iou,pixel_accuracy,wall_s,steps,flags,tuning,model_dir,iou/sky,iou/car
-1/8,supervised,0,0.40,0.80,600,1200,--unsup_ratio=0,no,r/s0,0.90,0.30
-1/8,supervised,1,0.42,0.82,600,1200,--unsup_ratio=0,no,r/s1,0.92,0.32
-1/8,uda,0,0.41,0.81,1800,1200,--unsup_ratio=2,no,r/u0,0.91,0.20
-1/8,uda,1,0.41,0.81,1800,1200,--unsup_ratio=2,no,r/u1,0.93,0.22
-1/8,uda_strong,0,0.44,0.84,1500,1200,--unsup_ratio=2 --uda_loss=ce,no,r/t0,0.95,0.35
-1/8,uda_strong,1,0.46,0.85,1500,1200,--unsup_ratio=2 --uda_loss=ce,no,r/t1,0.97,0.41
-1/8,strong_kl,0,0.60,0.90,1500,1200,--unsup_ratio=2 --uda_loss=kl,yes,r/k0,0.99,0.50
+fraction,method,seed,mean_iou,pixel_accuracy,wall_s,steps,flags,tuning,reference,model_dir,iou/sky,iou/car
+1/8,supervised,0,0.40,0.80,600,1200,--unsup_ratio=0,no,,r/s0,0.90,0.30
+1/8,supervised,1,0.42,0.82,600,1200,--unsup_ratio=0,no,,r/s1,0.92,0.32
+1/8,uda,0,0.41,0.81,1800,1200,--unsup_ratio=2,no,,r/u0,0.91,0.20
+1/8,uda,1,0.41,0.81,1800,1200,--unsup_ratio=2,no,,r/u1,0.93,0.22
+1/8,uda_strong,0,0.44,0.84,1500,1200,--unsup_ratio=2 --uda_loss=ce,no,,r/t0,0.95,0.35
+1/8,uda_strong,1,0.46,0.85,1500,1200,--unsup_ratio=2 --uda_loss=ce,no,,r/t1,0.97,0.41
+1/8,strong_kl,0,0.60,0.90,1500,1200,--unsup_ratio=2 --uda_loss=kl,yes,uda_strong,r/k0,0.99,0.50
 """
 
 
@@ -40,6 +40,7 @@ def _row(method: str, seed: int, mean_iou: float, tuning: bool = False, **extra)
         "steps": 1200,
         "flags": "--unsup_ratio=2 --uda_loss=ce",
         "tuning": tuning,
+        "reference": "uda_strong" if tuning else "",
         "model_dir": f"runs/{method}{seed}",
     }
     row.update(extra)
@@ -151,7 +152,9 @@ class ReportTest(tf.test.TestCase):
     def test_report_names_the_tuning_runs(self):
         text = record.report(self.rows)
         self.assertIn(
-            "| 1/8 | strong_kl | 0 | 60.0 | 90.0 | `--unsup_ratio=2 --uda_loss=kl` |", text
+            "| 1/8 | strong_kl | 0 | 60.0 | +16.0 vs uda_strong | 90.0 | "
+            "`--unsup_ratio=2 --uda_loss=kl` | 25.0 |",
+            text,
         )
         self.assertIn("over 7 runs", text)
 

@@ -172,7 +172,10 @@ def table(rows: list[dict]) -> str:
 def tuning_row(name: str, run_row: dict, args: list[str], preset: dict) -> dict:
     """The record row of a variant's run: a tuning run, named by the variant."""
     row = record_lib.record_row(
-        run_row, flags=record_lib.differing_flags(args, preset), tuning=True
+        run_row,
+        flags=record_lib.differing_flags(args, preset),
+        tuning=True,
+        reference=VARIANTS[name].reference,
     )
     return {**row, "method": name}
 

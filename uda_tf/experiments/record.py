@@ -12,7 +12,9 @@ fraction, the method (a label_efficiency method, or for a tuning run the
 ablation variant's name), the seed, mIoU, pixel accuracy, wall seconds, the
 steps trained (results.txt's global_step), the uda_tf.main flags that differ
 from the preset (space separated), whether it is a tuning run ("yes": chosen
-on val, seed 0, never part of the mean ± std), and the run folder.
+on val, seed 0, never part of the mean ± std), the method a tuning run
+changes (its reference, compared on the same seed; empty for the others), and
+the run folder.
 
 A record is rewritten whole (beside, then renamed) each time a run ends; rows
 of another experiment writing to the same file are kept (`merge`). The plot
@@ -37,6 +39,7 @@ FIELDS = (
     "steps",
     "flags",
     "tuning",
+    "reference",
     "model_dir",
 )
 # Flags that name a run rather than its recipe: never "differing from the preset".
@@ -72,7 +75,7 @@ def differing_flags(args: list[str], preset: dict) -> str:
     )
 
 
-def record_row(run_row: dict, *, flags: str, tuning: bool) -> dict:
+def record_row(run_row: dict, *, flags: str, tuning: bool, reference: str = "") -> dict:
     """One record row from a finished run (label_efficiency.execute's row).
 
     The per-class IoUs and the steps are read from the run's results.txt.
@@ -80,7 +83,11 @@ def record_row(run_row: dict, *, flags: str, tuning: bool) -> dict:
     results = evaluate.parse_results(os.path.join(run_row["model_dir"], "results.txt"))
     row = {key: run_row.get(key) for key in FIELDS}
     row.update(
-        steps=int(results.get("global_step", -1)), flags=flags, tuning=tuning, seed=int(row["seed"])
+        steps=int(results.get("global_step", -1)),
+        flags=flags,
+        tuning=tuning,
+        reference=reference,
+        seed=int(row["seed"]),
     )
     row.update({k: v for k, v in results.items() if k.startswith("iou/")})
     return row
@@ -180,19 +187,26 @@ def results_table(rows: list[dict]) -> str:
 
 
 def tuning_table(rows: list[dict]) -> str:
-    """Every tuning run, with its flags (tuning runs are chosen on val: never a result)."""
+    """Every tuning run, with its flags and its difference with its reference's run of
+    the same seed (tuning runs are chosen on val: never a result)."""
     lines = [
         (
-            "| labeled fraction | tuning run | seed | mIoU | pixel acc. | flags that differ from "
-            "the preset | wall (min) |"
+            "| labeled fraction | tuning run | seed | mIoU | Δ vs reference (same seed) | "
+            "pixel acc. | flags that differ from the preset | wall (min) |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    table = {(r["fraction"], r["method"], r["seed"]): r for r in rows if not r["tuning"]}
     for row in rows:
         if row["tuning"]:
+            ref = table.get((row["fraction"], row["reference"], row["seed"]))
+            delta = "—"
+            if ref is not None:
+                diff = round(100 * (row["mean_iou"] - ref["mean_iou"]), 1) + 0.0
+                delta = f"{diff:+.1f} vs {row['reference']}"
             lines.append(
                 f"| {row['fraction']} | {row['method']} | {row['seed']} | "
-                f"{100 * row['mean_iou']:.1f} | {100 * row['pixel_accuracy']:.1f} | "
+                f"{100 * row['mean_iou']:.1f} | {delta} | {100 * row['pixel_accuracy']:.1f} | "
                 f"`{row['flags']}` | {row['wall_s'] / 60:.1f} |"
             )
     return "\n".join(lines) + "\n"
