@@ -1,6 +1,5 @@
 """Tests of the training driver (uda_tf/main.py, train.py, callbacks.py) on a tiny tree."""
 
-import csv
 import dataclasses
 import glob
 import json
@@ -8,65 +7,27 @@ import math
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 from PIL import Image
 
-from flags import uda_flags
+from tests import run_helpers
 from uda_tf import config as config_lib
 from uda_tf import evaluate, main, train
 from uda_tf.callbacks import eval_input
-from uda_tf.data import cityscapes, fake_cityscapes
+from uda_tf.data import cityscapes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny UDA run: U-Net depth 2 with 8 filters, 64x128 crops, 6 steps.
-TINY_FLAGS = (
-    "--model_name=unet",
-    "--unet_depth=2",
-    "--unet_filters=8",
-    "--crop_height=64",
-    "--crop_width=128",
-    "--train_batch_size=2",
-    "--sup_size=4",
-    "--dev_size=2",
-    "--unsup_ratio=1",
-    "--uda_confidence_thresh=0.1",
-    "--uda_softmax_temp=0.9",
-    "--train_steps=6",
-    "--save_steps=3",
-    "--iterations=3",
-    "--eval_batch_size=2",
-    "--moving_average_decay=0.9",
-    "--num_vis_images=2",
-    "--max_save=1",
-    "--do_eval",
-)
-
-
-def _argv(data_dir: str, model_dir: str, *extra: str) -> list[str]:
-    return [f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY_FLAGS, *extra]
-
-
-def _config(argv) -> config_lib.Config:
-    flag_values = flags.FlagValues()
-    uda_flags.define_flags(flag_values)
-    flag_values(["uda_tf.main", *argv])
-    return uda_flags.config_from_flags(flag_values)
-
-
-def _read_csv(path: str) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+# Short names, also imported by multi_worker_test.py.
+REPO = run_helpers.REPO
+_argv = run_helpers.tiny_argv
+_config = run_helpers.parse_config
+_read_csv = run_helpers.read_csv
+_temp_dir = run_helpers.temp_dir
+_make_tree = run_helpers.make_tree
 
 
 def _events(directory: str) -> dict[str, dict[int, object]]:
@@ -81,21 +42,6 @@ def _events(directory: str) -> dict[str, dict[int, object]]:
                     tf.make_ndarray(value.tensor),
                 )
     return found
-
-
-def _temp_dir(test: tf.test.TestCase) -> str:
-    """A temporary directory removed when the test ends."""
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def _make_tree(data_dir: str | None = None) -> str:
-    data_dir = data_dir or tempfile.mkdtemp()
-    fake_cityscapes.generate(
-        data_dir, num_train=6, num_val=3, num_extra=4, height=64, width=128, seed=0
-    )
-    return data_dir
 
 
 class TinyRunTest(tf.test.TestCase):
@@ -376,11 +322,8 @@ class KillAndResumeTest(tf.test.TestCase):
     def test_sigkill_after_the_first_checkpoint_then_the_same_command(self):
         data_dir = _make_tree(_temp_dir(self))
         model_dir = os.path.join(_temp_dir(self), "killed")
-        command = [
-            sys.executable,
-            "-m",
-            "uda_tf.main",
-            *_argv(
+        command = run_helpers.main_command(
+            _argv(
                 data_dir,
                 model_dir,
                 "--train_steps=30",
@@ -388,28 +331,25 @@ class KillAndResumeTest(tf.test.TestCase):
                 "--iterations=1",
                 "--max_save=5",
                 "--num_vis_images=0",
-            ),
-        ]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+            )
+        )
         log_path = os.path.join(os.path.dirname(model_dir), "first.log")
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+        process = run_helpers.start(command, log_path)
         try:
-            deadline = time.time() + 240
-            while tf.train.latest_checkpoint(model_dir) is None and time.time() < deadline:
-                if process.poll() is not None:
-                    with open(log_path) as f:
-                        self.fail(f"The run ended before its first checkpoint:\n{f.read()[-3000:]}")
-                time.sleep(0.2)
+            saved = run_helpers.wait_until(
+                lambda: tf.train.latest_checkpoint(model_dir) is not None,
+                process,
+                log_path,
+                timeout=240,
+            )
+            if not saved:
+                self.fail(f"No first checkpoint:\n{run_helpers.log_tail(log_path)}")
         finally:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+            run_helpers.kill(process)
         killed_at = train.checkpoint_step(tf.train.latest_checkpoint(model_dir))
         self.assertLess(killed_at, 30)
 
-        second = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, check=False
-        )
+        second = run_helpers.run(command)
         self.assertEqual(second.returncode, 0, second.stderr[-3000:])
         self.assertIn(f"step {killed_at}, {30 - killed_at} steps to go", second.stderr)
         self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-30"))
