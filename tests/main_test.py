@@ -19,7 +19,7 @@ from tests import run_helpers
 from uda_tf import config as config_lib
 from uda_tf import evaluate, main, train
 from uda_tf.callbacks import eval_input
-from uda_tf.data import cityscapes
+from uda_tf.data import cityscapes, sources
 
 # Short names, also imported by multi_worker_test.py.
 REPO = run_helpers.REPO
@@ -187,6 +187,36 @@ class TinyRunTest(tf.test.TestCase):
         self.assertAllClose(results["mean_iou"], self.results["mean_iou"], atol=1e-6)
         with open(os.path.join(model_dir, "FLAGS.json")) as f:
             self.assertEqual(f.read(), flags_json)
+
+    def test_a_rerun_refused_for_its_data_leaves_the_run_files(self):
+        """FLAGS.json and labeled_files.txt are those of the run that trained the checkpoints."""
+        model_dir = self._copy("refused")
+        run_files = {}
+        for name in ("FLAGS.json", "labeled_files.txt"):
+            with open(os.path.join(model_dir, name), "rb") as f:
+                run_files[name] = f.read()
+        extra = ("--sup_size=3", "--train_steps=9", "--num_vis_images=0")
+        train_images = {
+            os.path.relpath(p, self.data_dir)
+            for p in glob.glob(os.path.join(self.data_dir, "leftImg8bit/train/*/*.png"))
+        }
+        labeled = set(
+            sources.labeled_filenames(_config(_argv(self.data_dir, model_dir, *extra)).data)
+        )
+        # Truncated labeled images fail the first checks; the others (dev split,
+        # unlabeled) fail when the input is built, after the model.
+        for truncated in (labeled, train_images - labeled):
+            data_dir = os.path.join(_temp_dir(self), "bad")
+            shutil.copytree(self.data_dir, data_dir)
+            for name in truncated:
+                with open(os.path.join(data_dir, name), "r+b") as f:
+                    f.truncate(100)
+            with self.assertRaisesRegex(ValueError, r"\.png: truncated or corrupt PNG"):
+                main.run(_config(_argv(data_dir, model_dir, *extra)))
+            for name, content in run_files.items():
+                with open(os.path.join(model_dir, name), "rb") as f:
+                    self.assertEqual(f.read(), content, f"{name} after truncating {truncated}")
+        self.assertEmpty(glob.glob(os.path.join(model_dir, "*.tmp*")))
 
     def test_resuming_with_another_model_fails(self):
         model_dir = self._copy("other_model")

@@ -14,13 +14,15 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
 
-from uda_tf import common, evaluate
+from uda_tf import checkpoints, common, evaluate
 from uda_tf import config as config_lib
 from uda_tf.data import sources, streams
 from uda_tf.uda_model import TerminateOnNonFiniteLoss
 
 # Dev mIoU along training, a line "<step> <mIoU>" per evaluation (--dev_size).
 DEV_LOG_FILE = "dev_results.txt"
+# The epoch logs (a row per --save_steps: losses, lr, dev mIoU).
+TRAINING_LOG_FILE = "training_log.csv"
 # The largest panel (input | prediction | ground truth) written to TensorBoard.
 MAX_PANEL_WIDTH = 1536
 
@@ -67,7 +69,15 @@ class StopAtStep(keras.callbacks.Callback):
 
 
 class CheckpointSaver(keras.callbacks.Callback):
-    """Saves model_dir/ckpt-<step> at the end of every epoch (every --save_steps)."""
+    """Saves model_dir/ckpt-<step> at the end of every epoch (every --save_steps).
+
+    It runs after the other callbacks (the epoch's logs are written first: a
+    run killed while saving resumes at the previous checkpoint and rewrites
+    them, see `truncate_logs`). A kill never breaks the previous checkpoint:
+    the manager writes the new one beside it (ckpt-<step>_temp/, then renames),
+    names it in the state file (a rename), and only then deletes the ones
+    beyond --max_save (uda_tf/checkpoints.py).
+    """
 
     def __init__(self, manager: tf.train.CheckpointManager):
         super().__init__()
@@ -100,6 +110,37 @@ class CSVLogger(keras.callbacks.CSVLogger):
         if self.keys is None:
             self.keys = sorted(logs or {})
         super().on_epoch_end(epoch, logs)
+
+
+def _keep_lines(path: str, keep, *, header: bool) -> None:
+    """Rewrites `path` (beside, then renamed) with the lines whose first field `keep` accepts.
+
+    The header line (if any) is kept; a last line without its newline (a
+    write cut short) is dropped.
+    """
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        lines = f.readlines()
+    kept = lines[:1] if header else []
+    for line in lines[len(kept) :]:
+        first = line.replace(",", " ").split(maxsplit=1)[:1]
+        if line.endswith("\n") and first and first[0].isdigit() and keep(int(first[0])):
+            kept.append(line)
+    if kept != lines:
+        checkpoints.write_atomically(path, "".join(kept))
+
+
+def truncate_logs(model_dir: str, *, step: int, first_epoch: int) -> None:
+    """Drops what the logs hold past `step`, where a run resumes (epoch `first_epoch`).
+
+    The resumed run logs that future again: the rows of training_log.csv from
+    epoch `first_epoch` on and the lines of dev_results.txt from `step` on
+    (its dev evaluation runs again when training begins) go, so that the
+    logs read as those of one run.
+    """
+    _keep_lines(os.path.join(model_dir, TRAINING_LOG_FILE), lambda e: e < first_epoch, header=True)
+    _keep_lines(os.path.join(model_dir, DEV_LOG_FILE), lambda s: s < step, header=False)
 
 
 def _resize_panels(panels: np.ndarray) -> np.ndarray:
@@ -229,7 +270,6 @@ def training_callbacks(cfg: config_lib.Config, model, manager, *, chief: bool) -
     callbacks = [
         TerminateOnNonFiniteLoss(),
         StopAtStep(train_cfg.train_steps),
-        CheckpointSaver(manager),
         ScalarSummaries(train_writer),
         EvalSummaries(
             cfg,
@@ -241,6 +281,7 @@ def training_callbacks(cfg: config_lib.Config, model, manager, *, chief: bool) -
         ),
     ]
     if chief:
-        path = os.path.join(model_dir, "training_log.csv")
+        path = os.path.join(model_dir, TRAINING_LOG_FILE)
         callbacks.append(CSVLogger(path, append=True))
+    callbacks.append(CheckpointSaver(manager))  # Last: after the epoch's logs.
     return callbacks

@@ -6,11 +6,15 @@
 Writes model_dir/FLAGS.json at the start and model_dir/results.txt (mIoU and
 the IoU of each class) at the end of an evaluation, as the original; between
 them checkpoints (ckpt-<step>), TensorBoard logs (train/, eval/), a CSV log
-and colourised predictions (predictions/). Restarting the same command resumes
-from the latest checkpoint.
+and colourised predictions (predictions/). FLAGS.json and labeled_files.txt
+are written (beside, then renamed) only once every check has passed, just
+before the first step, so that a run refused for its flags or files leaves
+a trained model_dir's config as it was. Restarting the same command resumes
+from the newest checkpoint that reads back whole.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -20,7 +24,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from flags import uda_flags
-from uda_tf import callbacks, common, evaluate, train
+from uda_tf import callbacks, checkpoints, common, evaluate, train
 from uda_tf import config as config_lib
 from uda_tf.callbacks import eval_input
 from uda_tf.data import sources
@@ -75,9 +79,12 @@ _RESUME_FIXED = (
 
 
 def _check_resumable(cfg: config_lib.Config) -> None:
-    """Raises ValueError if model_dir holds checkpoints of a differently built model."""
+    """Raises ValueError if model_dir holds checkpoints of a differently built model.
+
+    Any checkpoint file counts, broken or not: its FLAGS.json must agree.
+    """
     model_dir = cfg.train.model_dir
-    if not tf.train.latest_checkpoint(model_dir):
+    if not checkpoints.checkpoint_files(model_dir):
         return
     previous = train.read_config(model_dir)
     changed = []
@@ -147,7 +154,7 @@ def _log_outputs(cfg: config_lib.Config, results: dict[str, float]) -> None:
 
 
 def _prepare(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
-    """Seeds, checks and the files written at the start; returns (cfg, dataset info, chief)."""
+    """Seeds and checks; returns (cfg, dataset info, chief, labeled FILENAMEs or None)."""
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -160,18 +167,24 @@ def _prepare(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     if cfg.train.do_train:
         _check_resumable(cfg)
         if chief:
-            train.write_config(cfg, cfg.train.model_dir)
+            train.make_model_dir(cfg.train.model_dir)
     else:
         # Evaluation only: the network is the run's, whatever the model flags say.
         saved = train.read_config(cfg.train.model_dir)
         cfg = dataclasses.replace(cfg, model=saved.model).validate()
     logging.info("Config:\n%s", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     info = _check_data(cfg)
-    if chief and cfg.train.do_train:
-        sources.write_file_list(
-            os.path.join(cfg.train.model_dir, LABELED_FILES), sources.labeled_filenames(cfg.data)
-        )
-    return cfg, info, chief
+    labeled = sources.labeled_filenames(cfg.data) if cfg.train.do_train else None
+    return cfg, info, chief, labeled
+
+
+def _write_run_files(cfg: config_lib.Config, labeled: list[str]) -> None:
+    """labeled_files.txt, then FLAGS.json, each written beside, then renamed."""
+    path = os.path.join(cfg.train.model_dir, LABELED_FILES)
+    temp = f"{path}.tmp-{os.getpid()}"
+    sources.write_file_list(temp, labeled)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+    train.write_config(cfg, cfg.train.model_dir)
 
 
 def run(
@@ -198,7 +211,7 @@ def run(
     if not cfg.train.model_dir:
         raise ValueError("--model_dir is required.")
     strategy = strategy or train.create_strategy(cfg.train)
-    cfg, info, chief = _prepare(cfg, strategy)
+    cfg, info, chief, labeled = _prepare(cfg, strategy)
     model_dir = cfg.train.model_dir
     results = {}
     policy = keras.mixed_precision.global_policy()
@@ -207,11 +220,13 @@ def run(
             if cfg.train.mixed_precision:
                 keras.mixed_precision.set_global_policy(train.mixed_precision_policy(cfg.train))
             model, optimizer = train.build_uda_model(cfg, strategy)
-            train.train(cfg, strategy, model, optimizer, verbose=verbose)
+            run_files = functools.partial(_write_run_files, cfg, labeled) if chief else None
+            train.train(cfg, strategy, model, optimizer, verbose=verbose, on_ready=run_files)
             network, step = model.ema_network, int(optimizer.iterations.numpy())
         else:
-            network = train.load_inference_model(model_dir)
-            step = train.checkpoint_step(train.latest_checkpoint(model_dir))
+            path = train.latest_checkpoint(model_dir)
+            network = train.load_inference_model(model_dir, path)
+            step = train.checkpoint_step(path)
         if cfg.train.do_eval:
             results = final_evaluation(cfg, network, info, step=step, chief=chief)
     finally:

@@ -14,26 +14,31 @@ CSV), so a run looks the same either way.
 Checkpoints (`tf.train.CheckpointManager`, model_dir/ckpt-<step>) hold the
 UdaModel (network, EMA network), the optimizer (its step counts the steps
 done) and, under the key `ema_network`, the network that evaluation and
-export use. Restarting the same command resumes from the latest one.
+export use. Restarting the same command resumes from the newest checkpoint
+that reads back whole (uda_tf/checkpoints.py: broken ones are skipped with a
+warning and moved into model_dir/broken/), and the input streams continue at
+the examples of the restored step, so that a resumed run is the run that was
+interrupted (with --deterministic, bit for bit).
 """
 
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 from absl import logging
 
+from uda_tf import checkpoints, models, schedules
 from uda_tf import config as config_lib
-from uda_tf import models, schedules
-from uda_tf.callbacks import training_callbacks
+from uda_tf.callbacks import training_callbacks, truncate_logs
 from uda_tf.data import service, streams
 from uda_tf.uda_model import UdaModel
 
 FLAGS_FILE = "FLAGS.json"
-CHECKPOINT_NAME = "ckpt"
+CHECKPOINT_NAME = checkpoints.CHECKPOINT_NAME
 
 
 def create_strategy(cfg: config_lib.TrainConfig) -> tf.distribute.Strategy:
@@ -72,13 +77,22 @@ def check_replicas(cfg: config_lib.Config, strategy: tf.distribute.Strategy) -> 
         )
 
 
+def make_model_dir(model_dir: str) -> None:
+    """Creates model_dir if needed; ValueError if it cannot be (not writable)."""
+    try:
+        tf.io.gfile.makedirs(model_dir)
+    except (OSError, tf.errors.OpError) as error:
+        raise ValueError(f"--model_dir={model_dir} is not writable: {error}") from error
+
+
 def write_config(cfg: config_lib.Config, model_dir: str) -> str:
-    """Writes model_dir/FLAGS.json; raises ValueError if model_dir is not writable."""
+    """Writes model_dir/FLAGS.json (beside, then renamed); ValueError if model_dir is not writable."""
     path = os.path.join(model_dir, FLAGS_FILE)
     try:
         tf.io.gfile.makedirs(model_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        checkpoints.write_atomically(
+            path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
     except (OSError, tf.errors.OpError) as error:
         raise ValueError(f"--model_dir={model_dir} is not writable: {error}") from error
     return path
@@ -94,8 +108,13 @@ def read_config(model_dir: str) -> config_lib.Config:
 
 
 def latest_checkpoint(model_dir: str) -> str:
-    """The latest checkpoint path; ValueError naming model_dir if there is none."""
-    path = tf.train.latest_checkpoint(model_dir)
+    """The newest checkpoint that reads back whole (`checkpoints.newest_intact`).
+
+    Raises:
+      ValueError: naming model_dir if it holds no checkpoint, or listing its
+        checkpoints if none reads back whole.
+    """
+    path = checkpoints.newest_intact(model_dir)
     if path is None:
         raise ValueError(f"--model_dir={model_dir} holds no checkpoint (train first).")
     return path
@@ -161,11 +180,12 @@ def checkpoint_manager(model, optimizer, directory: str, max_save: int):
     )
 
 
-def load_inference_model(model_dir: str) -> keras.Model:
-    """The network with the EMA weights of the latest checkpoint of a run.
+def load_inference_model(model_dir: str, checkpoint_path: str | None = None) -> keras.Model:
+    """The network with the EMA weights of the newest intact checkpoint of a run.
 
     Args:
       model_dir: a training directory (FLAGS.json and checkpoints).
+      checkpoint_path: the checkpoint to load; default `latest_checkpoint(model_dir)`.
 
     Returns:
       A keras.Model: float32 images [N, H, W, 3] in [0, 255] -> float32
@@ -173,10 +193,10 @@ def load_inference_model(model_dir: str) -> keras.Model:
       backbone weights file needed).
 
     Raises:
-      ValueError: naming model_dir if it has no FLAGS.json or no checkpoint.
+      ValueError: naming model_dir if it has no FLAGS.json or no intact checkpoint.
     """
     cfg = read_config(model_dir)
-    path = latest_checkpoint(model_dir)
+    path = checkpoint_path or latest_checkpoint(model_dir)
     network = models.build_model_from_config(
         cfg.model, synchronized_bn=False, backbone_weights=None
     )
@@ -207,15 +227,23 @@ def _replica_batches(batch: dict, ctx: tf.distribute.InputContext) -> dict:
     return parts
 
 
-def _service_dataset(cfg: config_lib.DataConfig, num_input_pipelines: int) -> tf.data.Dataset:
+def _service_dataset(
+    cfg: config_lib.DataConfig, num_input_pipelines: int, start_step: int = 0
+) -> tf.data.Dataset:
     """The training stream made by the tf.data service's workers (uda_tf/data/service.py)."""
     pipeline_cfg, job_name = service.pipeline_config(cfg, num_input_pipelines)
-    dataset = streams.train_dataset(pipeline_cfg, splittable=True)
+    # The pipelines share one job of batches of B / pipelines: `start_step` global
+    # steps consumed start_step * pipelines of them.
+    start_step *= num_input_pipelines
+    dataset = streams.train_dataset(pipeline_cfg, splittable=True, start_step=start_step)
     return service.distribute(dataset, cfg.data_service_address, job_name=job_name)
 
 
-def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
-    """The training batches: a tf.data.Dataset, or a distributed one for several replicas.
+def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy, *, start_step: int = 0):
+    """The training batches from step `start_step` on: a tf.data.Dataset, or a distributed one.
+
+    The first batch is the one of step `start_step` of the stream that starts
+    at step 0 (a resumed run continues the interrupted one's examples).
 
     With several replicas every input pipeline builds the same global-batch
     stream (stateless per-example seeds) and keeps its replicas' parts. With
@@ -225,16 +253,19 @@ def train_input(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
     """
     address = cfg.data.data_service_address
     if strategy.num_replicas_in_sync == 1:
-        return _service_dataset(cfg.data, 1) if address else streams.train_dataset(cfg.data)
+        if address:
+            return _service_dataset(cfg.data, 1, start_step)
+        return streams.train_dataset(cfg.data, start_step=start_step)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         parts_ctx = ctx
         if address:
-            dataset = _service_dataset(cfg.data, ctx.num_input_pipelines)
+            dataset = _service_dataset(cfg.data, ctx.num_input_pipelines, start_step)
+            dataset = dataset.map(lambda b: service.global_partners(b, ctx.input_pipeline_id))
             replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
             parts_ctx = tf.distribute.InputContext(1, 0, replicas)  # The whole batch is ours.
         else:
-            dataset = streams.train_dataset(cfg.data)
+            dataset = streams.train_dataset(cfg.data, start_step=start_step)
         dataset = dataset.map(lambda b: _replica_batches(b, parts_ctx)).unbatch()
         return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -290,40 +321,86 @@ def _custom_loop(
 
 
 def train(
-    cfg: config_lib.Config, strategy: tf.distribute.Strategy, model, optimizer, *, verbose: int = 2
+    cfg: config_lib.Config,
+    strategy: tf.distribute.Strategy,
+    model,
+    optimizer,
+    *,
+    verbose: int = 2,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Trains from the latest checkpoint (if any) to --train_steps.
+    """Trains from the newest intact checkpoint (if any) to --train_steps.
 
     Args:
       cfg: the run's config.
       strategy: the strategy the model was built under.
       model, optimizer: from `build_uda_model`.
       verbose: Keras progress-bar verbosity (1 = bar, 2 = a line per epoch).
+      on_ready: called once every check has passed (checkpoint restored,
+        input and callbacks built), just before the first step; not called
+        when there is nothing to train. main writes the run's files there.
+
+    Raises:
+      ValueError: model_dir's checkpoints are all broken or do not fit the
+        model, or bad input files (naming them).
     """
     chief = is_chief(strategy)
     # Non-chief workers take part in saving (collectively) into a scratch directory.
     directory = cfg.train.model_dir if chief else tempfile.mkdtemp(prefix="uda_worker_ckpt_")
     try:
-        _train(cfg, strategy, model, optimizer, directory, chief=chief, verbose=verbose)
+        _train(
+            cfg,
+            strategy,
+            model,
+            optimizer,
+            directory,
+            chief=chief,
+            verbose=verbose,
+            on_ready=on_ready,
+        )
     finally:
         if not chief:
             tf.io.gfile.rmtree(directory)
 
 
-def _train(cfg, strategy, model, optimizer, directory: str, *, chief: bool, verbose: int) -> None:
+def _restore(checkpoint: tf.train.Checkpoint, path: str, strategy, model_dir: str) -> None:
+    """Restores `path` (read back whole); ValueError if it does not fit the model."""
+    try:
+        with strategy.scope():
+            checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise ValueError(
+            f"--model_dir={model_dir}: {path} does not fit this run's model and optimizer; "
+            f"resume with the same model flags or use another --model_dir. ({error})"
+        ) from error
+
+
+def _steps_per_execution(train_cfg: config_lib.TrainConfig, remaining: int) -> int:
+    """--iterations, or the largest divisor of it that also divides --save_steps and `remaining`."""
+    steps = math.gcd(train_cfg.iterations, train_cfg.save_steps, remaining)
+    if steps != train_cfg.iterations:
+        logging.info(
+            "Running %d steps per execution: --iterations=%d does not divide --save_steps=%d "
+            "and the %d remaining steps.",
+            steps,
+            train_cfg.iterations,
+            train_cfg.save_steps,
+            remaining,
+        )
+    return steps
+
+
+def _train(
+    cfg, strategy, model, optimizer, directory: str, *, chief: bool, verbose: int, on_ready
+) -> None:
     train_cfg = cfg.train
+    model_dir = train_cfg.model_dir
+    # The chief sets broken checkpoints aside and rewrites the state file that
+    # the manager then reads; the other workers only read.
+    restore_path = checkpoints.recover(model_dir) if chief else checkpoints.newest_intact(model_dir)
     manager = checkpoint_manager(model, optimizer, directory, train_cfg.max_save)
-    restore_path = tf.train.latest_checkpoint(train_cfg.model_dir)
     if restore_path:
-        try:
-            with strategy.scope():
-                manager.checkpoint.restore(restore_path).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ValueError(
-                f"--model_dir={train_cfg.model_dir}: {restore_path} does not fit this run's "
-                f"model and optimizer; resume with the same model flags or use another "
-                f"--model_dir. ({error})"
-            ) from error
+        _restore(manager.checkpoint, restore_path, strategy, model_dir)
     start = int(optimizer.iterations.numpy())
     remaining = train_cfg.train_steps - start
     if restore_path:
@@ -332,16 +409,7 @@ def _train(cfg, strategy, model, optimizer, directory: str, *, chief: bool, verb
         logging.info("Step %d >= --train_steps=%d: nothing to train.", start, train_cfg.train_steps)
         return
     steps_per_epoch = train_cfg.save_steps
-    steps_per_execution = math.gcd(train_cfg.iterations, steps_per_epoch, remaining)
-    if steps_per_execution != train_cfg.iterations:
-        logging.info(
-            "Running %d steps per execution: --iterations=%d does not divide --save_steps=%d "
-            "and the %d remaining steps.",
-            steps_per_execution,
-            train_cfg.iterations,
-            steps_per_epoch,
-            remaining,
-        )
+    steps_per_execution = _steps_per_execution(train_cfg, remaining)
     initial_epoch = start // steps_per_epoch
     epochs = initial_epoch + math.ceil(remaining / steps_per_epoch)
     model.compile(
@@ -350,7 +418,11 @@ def _train(cfg, strategy, model, optimizer, directory: str, *, chief: bool, verb
         jit_compile=train_cfg.jit_compile,
     )
     callbacks = training_callbacks(cfg, model, manager, chief=chief)
-    dataset = train_input(cfg, strategy)
+    dataset = train_input(cfg, strategy, start_step=start)
+    if chief:  # Log rows past the restored step are of a future that was lost.
+        truncate_logs(model_dir, step=start, first_epoch=initial_epoch)
+    if on_ready is not None:
+        on_ready()
     verbose = verbose if chief else 0
     loop_args = {
         "epochs": epochs,

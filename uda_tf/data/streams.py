@@ -290,16 +290,23 @@ def _stream(
     fn,
     *,
     splittable: bool = False,
+    start_index: int = 0,
     **kwargs,
 ):
-    """Shuffled, repeated, enumerated, decoded and mapped examples of one stream."""
+    """Shuffled, repeated, enumerated, decoded and mapped examples of one stream.
+
+    From example `start_index` on: the ones before are skipped before they
+    are decoded (a shuffle with a seed draws each epoch's order from the seed
+    alone, so the skipped stream is the tail of the whole one, indices too).
+    """
     # Each stream shuffles with its own seed, so that the labeled and the
     # unlabeled streams do not visit the same images in the same order.
     shuffle_seed = cfg.seed * 1009 + stream_id
     if splittable:  # The same (index, raw) pairs, one tf.data service split per epoch.
-        ds = service.splittable_order(source, shuffle_seed=shuffle_seed)
+        ds = service.splittable_order(source, shuffle_seed=shuffle_seed, start_index=start_index)
     else:
-        ds = source.raw.shuffle(source.shuffle_buffer, seed=shuffle_seed).repeat().enumerate()
+        ds = source.raw.shuffle(source.shuffle_buffer, seed=shuffle_seed).repeat()
+        ds = ds.skip(start_index).enumerate(start=start_index)
     decode = source.decode_raw if kwargs.get("label_table") is not None else source.decode
 
     def map_fn(index, raw):
@@ -309,7 +316,9 @@ def _stream(
     return ds.map(map_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def train_dataset(cfg: config_lib.DataConfig, *, splittable: bool = False) -> tf.data.Dataset:
+def train_dataset(
+    cfg: config_lib.DataConfig, *, splittable: bool = False, start_step: int = 0
+) -> tf.data.Dataset:
     """The training stream: one batch dict per step, endless (see module docstring).
 
     Args:
@@ -317,6 +326,9 @@ def train_dataset(cfg: config_lib.DataConfig, *, splittable: bool = False) -> tf
       splittable: for the tf.data service (uda_tf/data/service.py): every
         epoch gives the same examples and seeds, from a source that DYNAMIC
         sharding splits by epoch.
+      start_step: the first batch is that of this step (a resumed run): the
+        labeled stream starts at example start_step * B, the unlabeled one
+        at start_step * r * B, without decoding the ones skipped.
 
     Raises:
       ValueError: bad flags or bad input files (naming them), before training.
@@ -330,13 +342,22 @@ def train_dataset(cfg: config_lib.DataConfig, *, splittable: bool = False) -> tf
         labeled_crop,
         label_table=sup_source.label_table,
         splittable=splittable,
+        start_index=start_step * cfg.train_batch_size,
     )
     sup = sup.batch(cfg.train_batch_size, drop_remainder=True)
     if cfg.unsup_ratio == 0:
         return sup.prefetch(AUTOTUNE)
     unsup_source = sources.unlabeled_source(cfg)
-    unsup = _stream(unsup_source, cfg, common.UNSUP_STREAM, unlabeled_views, splittable=splittable)
-    unsup = unsup.batch(cfg.unsup_ratio * cfg.train_batch_size, drop_remainder=True)
+    unsup_batch = cfg.unsup_ratio * cfg.train_batch_size
+    unsup = _stream(
+        unsup_source,
+        cfg,
+        common.UNSUP_STREAM,
+        unlabeled_views,
+        splittable=splittable,
+        start_index=start_step * unsup_batch,
+    )
+    unsup = unsup.batch(unsup_batch, drop_remainder=True)
     ds = tf.data.Dataset.zip(sup, unsup).map(lambda a, b: {**a, **b})
     return ds.prefetch(AUTOTUNE)
 
