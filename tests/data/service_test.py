@@ -147,6 +147,14 @@ class LocalInputTest(_ServiceTestCase):
         with self.assertRaisesRegex(ValueError, "--data_service_address"):
             _cfg(data_service_address="grpc://nohost").validate()
 
+    def test_global_partners(self):
+        batch = {common.MIX_PARTNER: tf.constant([1, 0, 2], tf.int32), common.IMAGE: tf.zeros([3])}
+        self.assertIs(service.global_partners(batch, 0), batch)
+        self.assertAllEqual(service.global_partners(batch, 2)[common.MIX_PARTNER], [7, 6, 8])
+        self.assertAllEqual(service.global_partners(batch, 2)[common.IMAGE], tf.zeros([3]))
+        plain = {common.IMAGE: tf.zeros([3])}
+        self.assertIs(service.global_partners(plain, 1), plain)
+
     def test_pipeline_config(self):
         cfg = _cfg(train_batch_size=4)
         self.assertEqual(service.pipeline_config(cfg, 1), (cfg, None))
@@ -205,6 +213,24 @@ class ServiceTest(_ServiceTestCase):
         self.assertLen({k[1] for k in seen}, len(seen))
         for key in seen:
             self.assertEqual(key, by_seed.get(key[1], key))
+
+    def test_cutmix_step_seeds_are_used_once_over_two_workers(self):
+        if not hasattr(streams, "mix_batches"):
+            self.skipTest("CutMix is not wired into the streams.")
+        real = streams.mix.cutmix_batch
+        streams.mix.cutmix_batch = lambda batch, *, seed: {**batch, "mix_seed": seed}
+        self.addCleanup(setattr, streams.mix, "cutmix_batch", real)
+        dispatcher, _ = self._cluster(2)
+        cfg = _cfg(unsup_mix="cutmix", unsup_ratio=2)
+        local = [tuple(b["mix_seed"]) for b in _take(streams.train_dataset(cfg), 30)]
+        ds = service.distribute(streams.train_dataset(cfg, splittable=True), dispatcher.target)
+        iterator = ds.as_numpy_iterator()
+        remote = [tuple(next(iterator)["mix_seed"])]
+        time.sleep(3)  # Both workers fill their buffers; reads then take turns.
+        remote += [tuple(next(iterator)["mix_seed"]) for _ in range(15)]
+        # Each worker numbers batches from one shared range: no draw twice.
+        self.assertLen(set(remote), len(remote))
+        self.assertContainsSubset(remote, local)
 
     def test_mirrored_train_input_is_the_local_one(self):
         # One worker: the service's batches are the local ones, bit for bit.

@@ -29,9 +29,14 @@ Design (streams.train_dataset(cfg, splittable=True), then `distribute`):
 - Failures: DYNAMIC is at most once. A worker that stops loses the rest of
   the epochs it holds (one per stream); training goes on with the other
   workers' epochs, no example is produced twice, none is reassigned.
+- CutMix (--unsup_mix): a batch is mixed on its worker with the seed of a
+  step number from a range that DYNAMIC sharding also splits, so each step
+  seed is used once; the mixed batches are not the local ones (their images
+  differ), their draws are.
 - Several input pipelines (multi_worker trainers) share one job (a job name
   from the config): workers batch B / pipelines examples, each pipeline gets
-  its own batches and keeps them all.
+  its own batches and keeps them all (CutMix partners are made global by
+  `global_partners`).
 - Sources: folder-type readers (folder, simple, camvid), whose raw elements
   are file paths, are materialized into the graph (paths only, no pixels);
   TFRecord and TFDS sources are refused.
@@ -46,6 +51,7 @@ import time
 import tensorflow as tf
 from absl import app, flags, logging
 
+from uda_tf import common
 from uda_tf import config as config_lib
 from uda_tf.data.base import Source
 
@@ -127,6 +133,27 @@ def pipeline_config(cfg: config_lib.DataConfig, num_input_pipelines: int):
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
     batch = cfg.train_batch_size // num_input_pipelines
     return dataclasses.replace(cfg, train_batch_size=batch), f"uda_tf_{digest.hexdigest()[:16]}"
+
+
+def global_partners(batch: dict[str, tf.Tensor], input_pipeline_id: int) -> dict[str, tf.Tensor]:
+    """CutMix partners of one input pipeline's batch as indices into the global batch.
+
+    A worker mixes a pipeline's batch within itself; the train step gathers
+    the partners' targets over all replicas (pipeline-major, as
+    train._replica_batches), where this pipeline's images start at
+    input_pipeline_id * its batch size.
+
+    Args:
+      batch: a training batch; MIX_PARTNER int32 [n] if CutMix is on.
+      input_pipeline_id: this pipeline's index.
+
+    Returns:
+      The batch with MIX_PARTNER + input_pipeline_id * n (unchanged without it).
+    """
+    if common.MIX_PARTNER not in batch or input_pipeline_id == 0:
+        return batch
+    partner = batch[common.MIX_PARTNER]
+    return {**batch, common.MIX_PARTNER: partner + input_pipeline_id * tf.shape(partner)[0]}
 
 
 def distribute(dataset: tf.data.Dataset, address: str, *, job_name: str | None = None):
