@@ -22,6 +22,10 @@ from tests.export.helpers import (
 )
 from uda_tf.export import saved_model, serving
 
+# Bytes that are neither PNG nor JPEG, nor UTF-8: a GIF header, and random bytes.
+GIF = b"GIF89a\xff\xfe\x00\x01" + b"\0" * 16
+RANDOM_BYTES = b"\x9b\x01\xff\x00" + bytes(range(200, 256))
+
 
 class ExportTest(tf.test.TestCase, parameterized.TestCase):
     @classmethod
@@ -107,6 +111,27 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
         classes = np.load(os.path.join(out_dir, "classes.npy"))
         self.assertAllEqual(classes, np.argmax(self.keras_prob, axis=-1))
 
+    def test_saved_model_cli_reports_bad_bytes_hex_escaped(self):
+        cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+        if not os.path.exists(cli):
+            self.skipTest("saved_model_cli is not installed beside python.")
+        inputs = os.path.join(self.tmp, "cli_gif.npy")
+        np.save(inputs, np.array([GIF]))
+        result = subprocess.run(
+            [cli, "run", "--dir", self.path, "--tag_set", "serve"]
+            + ["--signature_def", "predict_encoded", "--inputs", f"image_bytes={inputs}"]
+            + ["--outdir", os.path.join(self.tmp, "cli_gif_out"), "--overwrite"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("UnicodeDecodeError", result.stderr)
+        self.assertRegex(
+            result.stderr, r"(?s)neither a PNG nor a JPEG.*first bytes \(hex\):\W*47 49 46 38"
+        )
+
     def test_predict_encoded_png_equals_serving_default(self):
         pngs = tf.constant([encode_png(image) for image in self.images])
         out = self._serve_encoded(pngs)
@@ -170,6 +195,11 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
             ([], "image_bytes holds no image"),
             ([png_bomb(100_000, 100_000)], r"larger than --max_pixels=33554432.*100000 100000"),
             ([jpeg_bomb(self.images[0], 60_000, 60_000)], r"--max_pixels.*60000 60000"),
+            # Bytes that are not UTF-8 appear hex-escaped, never raw.
+            ([GIF], r"neither a PNG nor a JPEG.*first bytes \(hex\):\W*47 49 46 38 39 61 ff fe"),
+            ([png, RANDOM_BYTES], r"neither a PNG nor a JPEG.*\[1\].*\(hex\):\W*9b 01 ff 00 c8"),
+            (png, r"expected image_bytes as string \[N\].*got a tensor of shape\] \[\]"),
+            ([[png], [png]], r"expected image_bytes as string \[N\].*shape\] \[2 1\]"),
         ]
         for image_bytes, message in cases:
             with (

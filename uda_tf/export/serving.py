@@ -69,6 +69,18 @@ def serve_images(model: keras.Model, images: tf.Tensor) -> dict[str, tf.Tensor]:
     }
 
 
+def hex_prefix(data: tf.Tensor, num_bytes: int = 8) -> tf.Tensor:
+    """The first `num_bytes` bytes of `data` as hex, e.g. "47 49 46 38" (string []).
+
+    Error messages show untrusted bytes so, never raw: a raw byte that is not
+    UTF-8 makes Python (tf.saved_model.load, saved_model_cli) fail with a
+    UnicodeDecodeError while formatting the message.
+    """
+    digits = tf.constant([f"{i:02x}" for i in range(256)])
+    head = tf.io.decode_raw(tf.strings.substr(data, 0, num_bytes), tf.uint8)
+    return tf.strings.reduce_join(tf.gather(digits, tf.cast(head, tf.int32)), separator=" ")
+
+
 def _png_size(data: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     """Height and width from a PNG's IHDR chunk: int64 [2]."""
     padded = tf.strings.join([data, b"\0" * _PNG_HEADER_BYTES])
@@ -116,8 +128,8 @@ def encoded_image_size(data: tf.Tensor, index: tf.Tensor | int = 0) -> tf.Tensor
                 "(bad signature); i ="
             ),
             index,
-            "its first bytes:",
-            tf.strings.substr(data, 0, 8),
+            "its first bytes (hex):",
+            hex_prefix(data),
         ],
     )
     with tf.control_dependencies([check]):
@@ -137,7 +149,8 @@ def decode_images(image_bytes: tf.Tensor, *, max_pixels: int = DEFAULT_MAX_PIXEL
 
     Args:
       image_bytes: string [N], N >= 1, PNG or JPEG files (grey, RGB or RGBA;
-        8 or 16 bits) that all have the same height and width.
+        8 or 16 bits) that all have the same height and width; the rank need
+        not be known when tracing.
       max_pixels: the largest height * width accepted.
 
     Returns:
@@ -145,10 +158,24 @@ def decode_images(image_bytes: tf.Tensor, *, max_pixels: int = DEFAULT_MAX_PIXEL
 
     Raises:
       tf.errors.InvalidArgumentError: (when run) naming the image and the
-        problem: not PNG/JPEG, a truncated header, more than `max_pixels`
-        pixels, sizes that differ within the batch, or undecodable data.
+        problem: another rank than 1, not PNG/JPEG (its first bytes in hex), a
+        truncated header, more than `max_pixels` pixels, sizes that differ
+        within the batch, or undecodable data.
     """
-    image_bytes = tf.reshape(image_bytes, [-1])
+    shape = tf.shape(image_bytes)
+    rank_check = tf.debugging.Assert(
+        tf.equal(tf.size(shape), 1),
+        [
+            (
+                f"{PREDICT_ENCODED}: expected {IMAGE_BYTES} as string [N] (one PNG or JPEG "
+                "file per element, N >= 1), got a tensor of shape"
+            ),
+            shape,
+        ],
+        summarize=8,
+    )
+    with tf.control_dependencies([rank_check]):
+        image_bytes = tf.reshape(image_bytes, [-1])
     num_images = tf.size(image_bytes, out_type=tf.int64)
     sizes = tf.map_fn(
         lambda args: encoded_image_size(*args),
