@@ -1,9 +1,11 @@
 """Tests of `python -m uda_tf.export` (uda_tf.export.cli)."""
 
+import hashlib
 import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +15,21 @@ from tests.export.helpers import REPO_ROOT, fake_run
 from uda_tf import config as config_lib
 from uda_tf import train
 from uda_tf.export import cli, saved_model
+from uda_tf.export import tflite as tflite_lib
+
+
+def _digests(folder: str) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `folder` (folders end with /)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder) + "/"] = ""
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(
+                    f.read()
+                ).hexdigest()
+    return out
 
 
 class CommandTest(tf.test.TestCase):
@@ -51,6 +68,28 @@ class CommandTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, r"--tflite='int4'"):
             cli.export_model_dir(model_dir, export_dir, tflite=["int4"])
         self.assertEqual(saved_model.next_version(export_dir), 2)  # Nothing written.
+
+    def test_a_failed_export_publishes_no_version(self):
+        root = tempfile.mkdtemp()
+        model_dir = fake_run(root)
+        export_dir = os.path.join(root, "export")
+        cli.export_model_dir(model_dir, export_dir, tflite=[])
+        intact = _digests(export_dir)
+        self.assertEqual(sorted(os.listdir(export_dir)), ["1"])
+        # int8 calibration reads a --data_dir that has moved: nothing is written.
+        moved = os.path.join(root, "moved")
+        with self.assertRaisesRegex(ValueError, f"--data_dir={moved}: not a directory"):
+            cli.export_model_dir(model_dir, export_dir, tflite=["int8"], data_dir=moved)
+        self.assertEqual(_digests(export_dir), intact)
+        # A failure after the SavedModel and a TFLite file are written, in the
+        # report: neither version 2 nor tflite/2 appears, no temporary is left.
+        with (
+            mock.patch.object(tflite_lib, "compare_tflite", side_effect=OSError("disk full")),
+            self.assertRaisesRegex(OSError, "disk full"),
+        ):
+            cli.export_model_dir(model_dir, export_dir, tflite=["float32"], compare_images=1)
+        self.assertEqual(_digests(export_dir), intact)
+        self.assertEqual(saved_model.next_version(export_dir), 2)
 
     @pytest.mark.slow
     def test_no_checkpoint_is_a_clean_error(self):
