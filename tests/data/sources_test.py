@@ -2,11 +2,13 @@
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -69,6 +71,35 @@ def _image_of(label_path: str) -> str:
 def _read_png(path: str) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im)
+
+
+def _digests(root: str) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `root`."""
+    out = {}
+    for path in glob.glob(os.path.join(root, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _corrupt_idat(path: str, fix_crc: bool) -> None:
+    """Flips bytes in the middle of a PNG's first IDAT chunk; it still ends with IEND.
+
+    With fix_crc the chunk's CRC is recomputed, so that only the zlib stream is
+    broken (a CRC check alone would pass it).
+    """
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    start = data.index(b"IDAT") + 4
+    length = int.from_bytes(data[start - 8 : start - 4], "big")
+    middle = start + length // 2
+    data[middle : middle + 8] = bytes(b ^ 0x5A for b in data[middle : middle + 8])
+    if fix_crc:
+        crc = zlib.crc32(bytes(data[start - 4 : start + length]))
+        data[start + length : start + length + 4] = crc.to_bytes(4, "big")
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 class ReadersTest(tf.test.TestCase, parameterized.TestCase):
@@ -374,17 +405,56 @@ class ReadersTest(tf.test.TestCase, parameterized.TestCase):
         self.assertRegex(str(ctx.exception), message)
         self.assertIn(path, str(ctx.exception))
 
-    def test_bad_label_value_names_the_file_when_read(self):
-        # Cityscapes labels are not decoded up front (2,975 full-size PNGs):
-        # the value check runs on every decode and names the file.
+    def test_bad_label_value_names_the_file(self):
+        # Up front (every label is decoded once), and on every decode for a
+        # file that changes after the check.
         root = self._copy_tree()
         label = sorted(glob.glob(os.path.join(root, "gtFine", "train", "*", "*.png")))[2]
-        values = _read_png(label).copy()
+        good = _read_png(label).copy()
+        values = good.copy()
         values[3, 4] = 40
         Image.fromarray(values).save(label)
+        with self.assertRaisesRegex(ValueError, f"{label}: label values \\[40\\] are not allowed"):
+            sources.labeled_source(_cfg(data_dir=root), "train")
+        Image.fromarray(good).save(label)
         source = sources.labeled_source(_cfg(data_dir=root), "train")
+        Image.fromarray(values).save(label)
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, f"{label}.*label values.*40"):
             list(source.elements())
+
+    @parameterized.named_parameters(
+        ("image_crc", "image", False),
+        ("image_zlib", "image", True),
+        ("label_crc", "label", False),
+        ("label_zlib", "label", True),
+    )
+    def test_corrupt_png_data_is_named_before_training(self, which, fix_crc):
+        # Before: the header check passed it (intact IHDR and IEND) and the run
+        # crashed at its first read with "Invalid PNG data, size N", no file named.
+        root = self._copy_tree()
+        label = sorted(glob.glob(os.path.join(root, "gtFine", "train", "*", "*.png")))[1]
+        path = label if which == "label" else _image_of(label)
+        _corrupt_idat(path, fix_crc)
+        intact = _digests(root)
+        with self.assertRaisesRegex(ValueError, f"{path}: corrupt PNG data: it does not decode"):
+            sources.labeled_source(_cfg(data_dir=root), "train")
+        self.assertEqual(_digests(root), intact)
+
+    def test_corrupt_unlabeled_image_is_named_when_read(self):
+        # The unlabeled pool (Cityscapes: 20,000 train_extra frames) is not
+        # decoded up front: its first read names the file.
+        root = self._copy_tree()
+        extra = sorted(
+            glob.glob(os.path.join(root, "leftImg8bit_trainextra", "**", "*.png"), recursive=True)
+        )
+        _corrupt_idat(extra[1], fix_crc=False)
+        intact = _digests(root)
+        source = sources.unlabeled_source(_cfg(data_dir=root, use_train_extra=True))
+        with self.assertRaisesRegex(
+            tf.errors.InvalidArgumentError, f"{extra[1]}: corrupt image data: it does not decode"
+        ):
+            list(source.elements())
+        self.assertEqual(_digests(root), intact)
 
     def test_corrupt_bytes_in_the_graph_name_the_file(self):
         with open(os.path.join(_ROOT, "cs", _TRAIN_NAMES[0]), "rb") as f:

@@ -76,10 +76,8 @@ def preprocess_sup(cfg: config_lib.DataConfig, output_dir: str, per_shard: int =
         dev = base.split_subset(list(by_name), "dev", cfg, what)
         sets.append((f"dev-size_{cfg.dev_size}", [by_name[n] for n in dev]))
     sets.append(("val", sources.labeled_pairs(cfg, "val")))
-    for _, pairs in sets:  # Check every file before writing any record.
-        rd.scan_pairs(pairs)
-        if sources.resolve_data_source(cfg) != "folder":
-            rd.scan_label_values(pairs, sources.label_map(cfg))
+    for _, pairs in sets:  # Check (decode) every file before writing any record.
+        rd.scan_pairs(pairs, sources.label_map(cfg))
     _check_task(output_dir, cfg.task_name)
     _copy_declaration(cfg, output_dir)
     for name, pairs in sets:

@@ -277,9 +277,7 @@ def labeled_source(cfg: config_lib.DataConfig, split: str = "train") -> Source:
         raise ValueError(f"No labeled images in {what}.")
     keep = set(base.split_subset([p.filename for p in pairs], split, cfg, what))
     pairs = [p for p in pairs if p.filename in keep]
-    rd.scan_pairs(pairs)
-    if source != "folder":
-        rd.scan_label_values(pairs, lmap)
+    rd.scan_pairs(pairs, lmap)
     return folder.pairs_source(pairs, lmap)
 
 
