@@ -33,7 +33,8 @@ class Source:
     """One stream of examples, before shuffling and decoding.
 
     Attributes:
-      raw: cheap elements (file paths or serialized records) to shuffle.
+      raw: cheap elements to shuffle: file paths, or serialized records with
+        their shard and index (for the error messages).
       decode: maps one raw element to the common element format
         (uda_tf/common.py): {IMAGE, MASK, FILENAME} or {IMAGE, FILENAME}.
       num_examples: how many raw elements there are.

@@ -21,7 +21,9 @@ the simple layout); every file is checked first.
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -30,6 +32,78 @@ from uda_tf import config as config_lib
 from uda_tf.data import base, sources
 from uda_tf.data import decode as rd
 from uda_tf.data import tfrecord as rt
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _read(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+def labeled_example(pair: rd.Pair, label_filename: str) -> bytes:
+    """The serialized Example of one image/label pair (file bytes unchanged)."""
+    feature = {
+        rt.IMAGE_ENCODED: _bytes(_read(pair.image_path)),
+        rt.IMAGE_FILENAME: _bytes(pair.filename.encode()),
+        rt.LABEL_ENCODED: _bytes(_read(pair.label_path)),
+        rt.LABEL_FILENAME: _bytes(label_filename.encode()),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def unlabeled_example(path: str, filename: str) -> bytes:
+    """The serialized Example of one unlabeled image."""
+    feature = {rt.IMAGE_ENCODED: _bytes(_read(path)), rt.IMAGE_FILENAME: _bytes(filename.encode())}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_set(
+    output_dir: str,
+    name: str,
+    records: Iterable[bytes],
+    filenames: Sequence[str],
+    examples_per_shard: int,
+    meta: dict,
+) -> list[str]:
+    """Writes one set's shards, its `.txt` list, and its entry in tfrecords.json.
+
+    Args:
+      output_dir: where to write.
+      name: the set's name (`train-size_186`, `val`, `unsup`, ...).
+      records: serialized Examples, as many as `filenames`, in their order.
+      filenames: their FILENAMEs.
+      examples_per_shard: shard size.
+      meta: how the set was chosen, stored in tfrecords.json.
+
+    Returns:
+      The shard paths.
+    """
+    tf.io.gfile.makedirs(output_dir)
+    for old in tf.io.gfile.glob(os.path.join(output_dir, f"{name}.tfrecord-*")):
+        tf.io.gfile.remove(old)
+    num_shards = max(1, math.ceil(len(filenames) / examples_per_shard))
+    paths = [
+        os.path.join(output_dir, f"{name}.tfrecord-{i:05d}-of-{num_shards:05d}")
+        for i in range(num_shards)
+    ]
+    records = iter(records)
+    for i, path in enumerate(paths):
+        with tf.io.TFRecordWriter(path) as writer:
+            for _ in range(min(examples_per_shard, len(filenames) - i * examples_per_shard)):
+                writer.write(next(records))
+    base.write_file_list(os.path.join(output_dir, f"{name}.txt"), filenames)
+    info = rt.read_info(output_dir, missing_ok=True)
+    info.setdefault("sets", {})[name] = {
+        **meta,
+        "num_examples": len(filenames),
+        "examples_per_shard": examples_per_shard,
+    }
+    with tf.io.gfile.GFile(os.path.join(output_dir, rt.INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return paths
 
 
 def _meta(cfg: config_lib.DataConfig) -> dict:
@@ -42,14 +116,14 @@ def _meta(cfg: config_lib.DataConfig) -> dict:
 
 
 def _write_labeled(cfg, name: str, pairs: list[rd.Pair], output_dir: str, per_shard: int) -> None:
-    records = (rt.labeled_example(p, os.path.relpath(p.label_path, cfg.data_dir)) for p in pairs)
-    rt.write_set(output_dir, name, records, [p.filename for p in pairs], per_shard, _meta(cfg))
+    records = (labeled_example(p, os.path.relpath(p.label_path, cfg.data_dir)) for p in pairs)
+    write_set(output_dir, name, records, [p.filename for p in pairs], per_shard, _meta(cfg))
     logging.info("Wrote %d labeled examples to %s/%s.tfrecord-*.", len(pairs), output_dir, name)
 
 
 def _write_unlabeled(name: str, images, output_dir: str, per_shard: int, meta: dict) -> None:
-    records = (rt.unlabeled_example(p, n) for p, n in images)
-    rt.write_set(output_dir, name, records, [n for _, n in images], per_shard, meta)
+    records = (unlabeled_example(p, n) for p, n in images)
+    write_set(output_dir, name, records, [n for _, n in images], per_shard, meta)
     logging.info("Wrote %d unlabeled images to %s/%s.tfrecord-*.", len(images), output_dir, name)
 
 
