@@ -165,7 +165,7 @@ def _shards(data_dir: str, name: str) -> list[str]:
     if not shards:
         raise ValueError(f"No shards {name}.tfrecord-* in {data_dir}.")
     numbers = [_SHARD_NAME.search(s) for s in shards]
-    if all(numbers):  # The names of write_set (other names are taken as they are).
+    if all(numbers):  # The names preprocess.write_set gives (others are taken as they are).
         totals = {int(m.group(2)) for m in numbers}
         found = {int(m.group(1)) for m in numbers}
         total = max(totals)
