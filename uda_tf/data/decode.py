@@ -35,7 +35,7 @@ JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _SCAN_THREADS = 16
-_CORRUPT_DATA = ": corrupt image data: it does not decode (the decoder's error is logged above)."
+_CORRUPT_DATA = ": corrupt image data: it does not decode (the decoder error is logged above)."
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ RECORD, SHARD, INDEX = "record", "shard", "index"
 _SHARD_NAME = re.compile(r"\.tfrecord-(\d+)-of-(\d+)$")
 _COUNT_THREADS = 16
 _UNREADABLE = (
-    " could not be read (corrupt: the reader's error is logged above); write the set again "
+    " could not be read (corrupt: the read error is logged above); write the set again "
     "with `python -m uda_tf.data.preprocess`."
 )
 
