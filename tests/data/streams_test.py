@@ -10,12 +10,14 @@ import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
+from augment import color, mix, seeds
 from uda_tf import common
 from uda_tf import config as config_lib
 from uda_tf.data import fake_cityscapes, preprocess, sources, streams
 
 _ROOT = None
 _MEAN = np.array(common.MEAN_RGB_UINT8, np.uint8)
+_IDENTITY = np.array([1, 0, 0, 0, 1, 0, 0, 0], np.float32)
 
 
 def setUpModule():
@@ -305,6 +307,45 @@ class RandAugmentTest(tf.test.TestCase):
         self.assertEqual(batch[common.AUG_IMAGE].shape, (1, 48, 80, 3))
         self.assertEqual(batch[common.AUG_IMAGE].dtype, np.uint8)
         self.assertEqual(batch[common.AUG_TRANSFORM].shape, (1, 8))
+
+
+class StrongViewTest(tf.test.TestCase):
+    """--aug_policy=color and --unsup_mix=cutmix, wired into the unlabeled stream."""
+
+    def test_color_view_is_the_examples_colour_view(self):
+        cfg = _cfg(unsup_ratio=1, aug_policy="color")
+        batch = _batches(streams.train_dataset(cfg), 1)[0]
+        self.assertAllEqual(batch[common.AUG_TRANSFORM], np.tile(_IDENTITY, (2, 1)))
+        for i in range(2):
+            seed = seeds.example_seed(cfg.seed, common.UNSUP_STREAM, tf.constant(i, tf.int64))
+            _, aug_seed = seeds.split_seed(seed, 2)
+            expected, _, _ = color.color_view(batch[common.ORI_IMAGE][i], seed=aug_seed)
+            self.assertAllEqual(batch[common.AUG_IMAGE][i], expected)
+
+    def test_cutmix_mixes_each_batch_with_its_step_seed(self):
+        real = streams.randaugment_distort
+        streams.randaugment_distort = _fake_distort
+        try:
+            plain = _batches(streams.train_dataset(_cfg(unsup_ratio=2)), 3)
+            mixed = _batches(streams.train_dataset(_cfg(unsup_ratio=2, unsup_mix="cutmix")), 3)
+            resumed = _batches(
+                streams.train_dataset(_cfg(unsup_ratio=2, unsup_mix="cutmix"), start_step=2), 1
+            )
+        finally:
+            streams.randaugment_distort = real
+        for step, (a, b) in enumerate(zip(plain, mixed)):
+            self.assertAllEqual(a[common.ORI_IMAGE], b[common.ORI_IMAGE])
+            seed = seeds.example_seed(0, common.MIX_STREAM, tf.constant(step, tf.int64))
+            expected = mix.cutmix_batch(a, seed=seed)
+            for key in (common.AUG_IMAGE, common.MIX_MASK, common.MIX_PARTNER):
+                self.assertAllEqual(b[key], expected[key])
+            # Inside the box the pixel is the partner's aug view, outside its own.
+            box = b[common.MIX_MASK].astype(bool)[..., None]
+            partner_aug = a[common.AUG_IMAGE][b[common.MIX_PARTNER]]
+            self.assertAllEqual(b[common.AUG_IMAGE], np.where(box, partner_aug, a[common.AUG_IMAGE]))
+        self.assertGreater(sum(b[common.MIX_MASK].sum() for b in mixed), 0)
+        for key in mixed[2]:
+            self.assertAllEqual(resumed[0][key], mixed[2][key])
 
 
 class ResizeElementTest(tf.test.TestCase):

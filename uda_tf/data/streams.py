@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from augment import randaugment, seeds
+from augment import color, mix, randaugment, seeds
 from uda_tf import common
 from uda_tf import config as config_lib
 from uda_tf.data import service, sources
@@ -183,6 +183,38 @@ def randaugment_distort(
     )
 
 
+def strong_view(
+    image: tf.Tensor, *, seed: tf.Tensor, cfg: config_lib.DataConfig
+) -> tuple[tf.Tensor, None, tf.Tensor]:
+    """The aug view of --aug_policy: (image uint8 [h, w, 3], None, transform [8]).
+
+    "randaugment": UDA's 15 ops + Cutout (geometric ops move the view, and the
+    transform says how); "color": UniMatch's colour jitter, greyscale and blur
+    (+ Cutout with --aug_cutout), with the identity transform.
+    """
+    if cfg.aug_policy == "color":
+        return color.color_view(image, None, seed=seed, cutout=cfg.aug_cutout)
+    return randaugment_distort(image, None, seed=seed, cfg=cfg)
+
+
+def mix_batches(ds: tf.data.Dataset, cfg: config_lib.DataConfig, start_step: int = 0):
+    """CutMix (--unsup_mix=cutmix) of each batch's aug views, seeded per batch.
+
+    The batch of step s is mixed with seed fold_in([seed, MIX_STREAM], s), so
+    a resumed run mixes its batches as the uninterrupted run did.
+    """
+    if cfg.unsup_mix == "none":
+        return ds
+
+    def mix_fn(step, batch):
+        return mix.cutmix_batch(batch, seed=seeds.example_seed(cfg.seed, common.MIX_STREAM, step))
+
+    # A range, not ds.enumerate(): the tf.data service's DYNAMIC sharding splits
+    # a range over its workers (each step seed used once), not enumerate's counter.
+    steps = tf.data.Dataset.range(start_step, service.MAX_EPOCHS)
+    return tf.data.Dataset.zip(steps, ds).map(mix_fn, num_parallel_calls=AUTOTUNE)
+
+
 def _crop_params(image: tf.Tensor, seed: tf.Tensor, cfg: config_lib.DataConfig) -> dict:
     return sample_crop_params(
         tf.shape(image)[:2],
@@ -250,7 +282,7 @@ def unlabeled_views(
         image, params, crop_size=size, interpolation="bilinear", fill=common.MEAN_RGB_UINT8
     )
     valid = tf.cast(crop_valid(params, size), tf.uint8)
-    aug, _, transform = randaugment_distort(ori, None, seed=aug_seed, cfg=cfg)
+    aug, _, transform = strong_view(ori, seed=aug_seed, cfg=cfg)
     return {
         common.ORI_IMAGE: ori,
         common.ORI_VALID: valid,
@@ -359,7 +391,7 @@ def train_dataset(
     )
     unsup = unsup.batch(unsup_batch, drop_remainder=True)
     ds = tf.data.Dataset.zip(sup, unsup).map(lambda a, b: {**a, **b})
-    return ds.prefetch(AUTOTUNE)
+    return mix_batches(ds, cfg, start_step).prefetch(AUTOTUNE)
 
 
 def eval_element(
