@@ -279,8 +279,8 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
             cfg = _config("--unsup_ratio=1", "--train_batch_size=2", *argv)
             self.assertEqual(cfg.uda.unsup_ratio, 1)
 
-    def test_readme_names_every_flag(self):
-        docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+    def test_docs_name_every_flag(self):
+        docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "flags.md")
         with open(docs) as f:
             text = f.read()
         for name in uda_flags.flag_names():
