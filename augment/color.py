@@ -9,37 +9,35 @@ the always-on Cutout of RandAugment and returns the same (image, mask,
 transform) triple as `randaugment.distort`, so the two views are
 interchangeable. Nothing moves: the transform is always the identity.
 
-Definitions (torchvision's functional_pil, which calls Pillow):
-  brightness  ImageEnhance.Brightness: x * f.
-  contrast    ImageEnhance.Contrast: blend with the grey level
-              m = int(mean(L) + 0.5), as Pillow's source computes it: the mean of
-              the "L" image (each pixel already rounded), then rounded.
-  saturation  ImageEnhance.Color: blend with the "L" image.
+Definitions (torchvision's functional_pil, which calls Pillow; L is the ITU-R
+601-2 luma with Pillow's weights 19595, 38470, 7471 / 2**16, i.e. 0.299 R +
+0.587 G + 0.114 B; a blend is f * x + (1 - f) * degenerate):
+  brightness  ImageEnhance.Brightness: f * x.
+  contrast    ImageEnhance.Contrast: blend with the grey level m =
+              floor(mean(L) + 0.5). Pillow's source takes int(mean + 0.5) of
+              the mean of its "L" image, whose pixels are already rounded; we
+              take the mean of the unrounded L (see `contrast`).
+  saturation  ImageEnhance.Color: blend with the L image.
   hue         a shift of H in HSV by h (a fraction of the circle), wrapping.
-  greyscale   the "L" image in three equal channels.
-  blur        a separable Gaussian, radius ceil(3 sigma), reflect padding.
-"L" is Pillow's ITU-R 601-2 luma in its fixed point,
-(19595 R + 38470 G + 7471 B + 2**15) >> 16, i.e. round(0.299 R + 0.587 G +
-0.114 B). Blends are degenerate + f * (image - degenerate).
+  greyscale   RandomGrayscale: L in three equal channels.
+  blur        a separable Gaussian (torchvision's _get_gaussian_kernel1d),
+              radius ceil(3 sigma), reflect padding ("dcb|abcd|cba").
 
-Numerics. Every op runs on float32 values in [0, 255] and ends as Pillow's
-does, so each op sees the integer image the previous one left, as in
-UniMatch's chain of PIL images: the ImageEnhance blends (brightness, contrast,
-saturation) clip to [0, 255] and truncate, as Pillow's Image.blend does;
-greyscale rounds as Pillow's "L" conversion; hue and blur round to nearest
-(halves up). A factor of 1, a zero hue shift or an op that does not fire is the
-exact identity. Brightness, contrast, saturation and greyscale match Pillow bit
-for bit on uint8 inputs. Two ops differ from Pillow by design, by a few
-levels: hue is shifted in float HSV (tf.image.adjust_hue, the same maths as
-rgb_to_hsv / hsv_to_rgb), where torchvision shifts Pillow's 8-bit HSV H plane
-by int(255 h) mod 256; blur is an exact sampled Gaussian, where Pillow
-approximates one by three extended box filters (whose support is about 3 sigma
-too). Values stay float32 between ops and are cast to uint8 once.
+Numerics. The ops run on float32 values in [0, 255]; the image is cast to
+uint8 once, at the end, rounding half up. Each op clips to [0, 255], as every
+intermediate PIL image is clipped, so the order matters as in UniMatch; values
+are not rounded between ops. Against UniMatch's chain of PIL images: Pillow
+truncates each blend (one op here is within +1 of Pillow's, never below;
+greyscale of a uint8 image is convert("L") exactly); hue is shifted in float
+HSV (tf.image.adjust_hue), where torchvision shifts Pillow's 8-bit H plane by
+int(255 h) mod 256; blur is a sampled Gaussian where Pillow runs three box
+filters of the same ~3 sigma support (within a level or two for sigma >= 1).
+A factor of 1, a zero shift or an op that does not fire is the exact identity.
 
-Cost. The blur's vertical pass is a depthwise convolution whose channels are a
-whole image row (W * 3 of them), its horizontal pass a convolution over groups
-of 8 pixels (24 channels); both vectorise far better than a 3-channel
-depthwise convolution on this layout.
+Cost (bench/augment.py): a few memory passes per op. Channel sums and the
+colour matrix work on rows of 8 pixels (24 values), which vectorise far better
+than rows of 3; the blur pads once, then runs a depthwise convolution whose
+W * 3 channels are a whole row and a convolution over groups of 8 pixels.
 """
 
 from collections.abc import Sequence
@@ -62,11 +60,10 @@ SIGMA_RANGE = (0.1, 2.0)
 # Pillow's RGB -> L weights, 19595 / 2**16 etc.: dyadic, so exact in float32, and
 # products and sums with an integer image are exact too.
 _L = (19595.0 / 65536.0, 38470.0 / 65536.0, 7471.0 / 65536.0)
-_GROUP = 8  # pixels per channel group of the horizontal blur pass.
-# Control flow here is explicit (tf.cond, tf.switch_case, Python loops over
-# static ranges), so AutoGraph has nothing to convert; skipping it makes a
-# tf.data map that calls color_view trace in about a second instead of
-# transpiling some 80 functions (here and in randaugment, which it calls).
+_GROUP = 8  # pixels per row of the grouped views (colour matrix, sums, blur).
+# Control flow here is explicit (tf.cond, tf.switch_case, tf.while_loop), so
+# AutoGraph has nothing to convert; skipping it spares a tf.data map of
+# color_view transpiling some 80 functions (here and in randaugment) per trace.
 _no_autograph = tf.autograph.experimental.do_not_convert
 
 
@@ -105,20 +102,21 @@ def sample_color_params(
     Raises:
       ValueError: a strength, probability or sigma range out of range.
     """
-    _check_strengths(brightness, contrast, saturation, hue)
-    for name, p in (("jitter_prob", jitter_prob), ("grey_prob", grey_prob),
-                    ("blur_prob", blur_prob)):  # fmt: skip
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"sample_color_params: {name}={p!r}, expected a value in [0, 1].")
+    strengths = (brightness, contrast, saturation)
+    for name, value in zip(JITTER_OPS, strengths):
+        _check(name, value, float(value) >= 0.0, "a value >= 0")
+    _check("hue", hue, 0.0 <= float(hue) <= 0.5, "a value in [0, 0.5]")
+    for name, p in (
+        ("jitter_prob", jitter_prob),
+        ("grey_prob", grey_prob),
+        ("blur_prob", blur_prob),
+    ):
+        _check(name, p, 0.0 <= float(p) <= 1.0, "a value in [0, 1]")
     low, high = (float(v) for v in sigma_range)
-    if not 0.0 < low <= high:
-        raise ValueError(
-            f"sample_color_params: sigma_range={sigma_range!r}, expected 0 < low <= high."
-        )
+    _check("sigma_range", sigma_range, 0.0 < low <= high, "(low, high) with 0 < low <= high")
     jitter_seed, order_seed, factor_seed, hue_seed, grey_seed, blur_seed, sigma_seed = (
         seeds_lib.split_seed(seed, 7)
     )
-    strengths = (brightness, contrast, saturation)
     lo = tf.constant([max(0.0, 1.0 - s) for s in strengths], tf.float32)
     hi = tf.constant([1.0 + s for s in strengths], tf.float32)
     factors = lo + (hi - lo) * tf.random.stateless_uniform([3], factor_seed)
@@ -137,13 +135,9 @@ def sample_color_params(
     }
 
 
-def _check_strengths(brightness, contrast, saturation, hue):
-    for name, s in (("brightness", brightness), ("contrast", contrast),
-                    ("saturation", saturation)):  # fmt: skip
-        if float(s) < 0.0:
-            raise ValueError(f"sample_color_params: {name}={s!r}, expected a value >= 0.")
-    if not 0.0 <= float(hue) <= 0.5:
-        raise ValueError(f"sample_color_params: hue={hue!r}, expected a value in [0, 0.5].")
+def _check(name, value, ok, expected):
+    if not ok:
+        raise ValueError(f"sample_color_params: {name}={value!r}, expected {expected}.")
 
 
 # ------------------------------------------------------------- pure ops
@@ -151,41 +145,58 @@ def _check_strengths(brightness, contrast, saturation, hue):
 # image cast to float32), so that a chain of them casts once.
 
 
-def _grouped(x: tf.Tensor, fn_rows) -> tf.Tensor:
-    """fn_rows(rows, g) on x viewed as rows of g pixels ([N / g, 3 g]), g = 8 if it divides N.
+def _grouped(x: tf.Tensor, fn) -> tf.Tensor:
+    """fn(rows, g) on x viewed as rows of g pixels, [N / g, 3 g]: g = 8 if 8 divides N, else 1.
 
-    Rows of 24 values vectorise much better than rows of 3 (GEMMs and column
-    reductions over [N, 3] are several times slower on CPU).
+    Rows of 24 values vectorise several times better than rows of 3 (column
+    sums, and 1x1 convolutions by a block-diagonal colour matrix).
     """
     num_pixels = tf.shape(x)[0] * tf.shape(x)[1]
     return tf.cond(
         tf.equal(num_pixels % _GROUP, 0),
-        lambda: fn_rows(tf.reshape(x, [-1, 3 * _GROUP]), _GROUP),
-        lambda: fn_rows(tf.reshape(x, [-1, 3]), 1),
+        lambda: fn(tf.reshape(x, [-1, 3 * _GROUP]), _GROUP),
+        lambda: fn(tf.reshape(x, [-1, 3]), 1),
     )
 
 
+def _channel_sums(x: tf.Tensor) -> tf.Tensor:
+    """float64 [3], the sum of each channel of float32 [H, W, 3].
+
+    Column sums in float32, exact on integer images of up to 65793 rows of 8
+    pixels (e.g. 512 x 1024); the rest in float64.
+    """
+
+    def sums(rows, g):
+        cols = tf.cast(tf.reduce_sum(rows, axis=0), tf.float64)
+        return tf.reduce_sum(tf.reshape(cols, [g, 3]), axis=0)
+
+    return _grouped(x, sums)
+
+
 def _colour_matrix(x: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
-    """x @ matrix per pixel, float32 [H, W, 3] @ [3, 3] (one GEMM, block-diagonal)."""
+    """x @ matrix at every pixel: float32 [H, W, 3], [3, 3] -> [H, W, 3].
 
-    def rows_fn(rows, g):
-        blocks = tf.linalg.LinearOperatorKronecker(
-            [tf.linalg.LinearOperatorIdentity(g), tf.linalg.LinearOperatorFullMatrix(matrix)]
-        ).to_dense()
-        return tf.reshape(tf.matmul(rows, blocks), tf.shape(x))
+    A 1x1 convolution of the rows of g pixels by the block-diagonal
+    kron(I_g, matrix); the zero blocks add exact zeros.
+    """
 
-    return _grouped(x, rows_fn)
+    def apply(rows, g):
+        blocks = tf.reshape(tf.einsum("ij,ab->iajb", tf.eye(g), matrix), [1, 1, 3 * g, 3 * g])
+        out = tf.nn.conv2d(rows[tf.newaxis, :, tf.newaxis], blocks, 1, "VALID")
+        return tf.reshape(out, tf.shape(x))
+
+    return _grouped(x, apply)
 
 
-def _grey_matrix(factor: tf.Tensor | float) -> tf.Tensor:
-    """[3, 3] M with x @ M = factor * x + (1 - factor) * L(x) in every channel."""
-    factor = tf.cast(factor, tf.float32)
+def _grey_matrix(factor: tf.Tensor) -> tf.Tensor:
+    """[3, 3] M with x @ M = factor * x + (1 - factor) * L(x) in each channel, L the luma."""
     return factor * tf.eye(3) + (1.0 - factor) * tf.tile(tf.constant(_L)[:, None], [1, 3])
 
 
 def _clip_blend(y: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """Clips a blend to [0, 255]; for factor <= 1 it is a convex combination, already inside."""
-    return tf.cond(factor > 1.0, lambda: tf.clip_by_value(y, 0.0, 255.0), lambda: y)
+    """Clips a blend to [0, 255]; for 0 <= factor <= 1 it is convex, already inside."""
+    outside = tf.logical_or(factor > 1.0, factor < 0.0)
+    return tf.cond(outside, lambda: tf.clip_by_value(y, 0.0, 255.0), lambda: y)
 
 
 @_no_autograph
@@ -203,14 +214,7 @@ def contrast(x: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
     here differs by far less than a level, so m is Pillow's except when the
     mean lies within a few thousandths of a half-integer.
     """
-
-    def channel_sums(rows, g):
-        # Column sums in float32 (exact for integer images: < 2**24 per column
-        # at up to 65793 rows), the rest in float64.
-        sums = tf.cast(tf.reduce_sum(rows, axis=0), tf.float64)
-        return tf.reduce_sum(tf.reshape(sums, [g, 3]), axis=0)
-
-    sums = _grouped(x, channel_sums)
+    sums = _channel_sums(x)
     count = tf.cast(tf.shape(x)[0] * tf.shape(x)[1], tf.float64)
     mean_l = tf.reduce_sum(sums * tf.constant(_L, tf.float64)) / count
     grey = tf.cast(tf.floor(mean_l + 0.5), tf.float32)
@@ -246,7 +250,7 @@ def greyscale(x: tf.Tensor) -> tf.Tensor:
     On an integer image every product and sum is exact in float32, so the
     final rounding gives Pillow's (19595 R + 38470 G + 7471 B + 2**15) >> 16.
     """
-    return _colour_matrix(x, _grey_matrix(0.0))
+    return _colour_matrix(x, _grey_matrix(tf.constant(0.0)))
 
 
 @_no_autograph
@@ -275,48 +279,52 @@ def _reflect(index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     return tf.where(index >= size, period - index, index)
 
 
-def _reflect_pad(x: tf.Tensor, axis: int, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
-    """Reflect-pads axis 0 or 1 of [H, W, C]; tf.pad where it can, a gather otherwise."""
-    size = tf.shape(x)[axis]
+def _reflect_pad(x: tf.Tensor, rows: tf.Tensor, left: tf.Tensor, right: tf.Tensor) -> tf.Tensor:
+    """Reflect-pads [H, W, C] by `rows` above and below, `left` and `right` columns.
+
+    One tf.pad where it can; pads of a side or more (tiny images) reflect
+    repeatedly, by gathers.
+    """
+    height, width = tf.shape(x)[0], tf.shape(x)[1]
 
     def _pad():
-        paddings = tf.stack([tf.zeros([2], tf.int32)] * 3)
-        paddings = tf.tensor_scatter_nd_update(paddings, [[axis]], [tf.stack([before, after])])
+        paddings = tf.stack([tf.stack([rows, rows]), tf.stack([left, right]), [0, 0]])
         return tf.pad(x, paddings, mode="REFLECT")
 
-    def _gather():  # pads of a side or more (tiny images): reflect repeatedly.
-        return tf.gather(x, _reflect(tf.range(-before, size + after), size), axis=axis)
+    def _gather():
+        y = tf.gather(x, _reflect(tf.range(-rows, height + rows), height))
+        return tf.gather(y, _reflect(tf.range(-left, width + right), width), axis=1)
 
-    return tf.cond(tf.logical_and(before < size, after < size), _pad, _gather)
+    fits = tf.logical_and(rows < height, tf.maximum(left, right) < width)
+    return tf.cond(fits, _pad, _gather)
 
 
 def _vertical_pass(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """Convolves the rows of float32 [H, W, 3] with `kernel` [2 r + 1], reflect padding."""
+    """float32 [H + 2 r, W, 3] -> [H, W, 3]: each column convolved with `kernel` [2 r + 1].
+
+    A depthwise convolution whose W * 3 channels are a whole row.
+    """
     shape = tf.shape(x)
-    r = tf.shape(kernel)[0] // 2
-    rows = _reflect_pad(x, 0, r, r)
-    width = shape[1] * shape[2]  # one depthwise channel per value of a row.
-    rows = tf.reshape(rows, tf.stack([1, shape[0] + 2 * r, 1, width]))
+    out_height = shape[0] - tf.shape(kernel)[0] + 1
+    width = shape[1] * shape[2]
+    rows = tf.reshape(x, tf.stack([1, shape[0], 1, width]))
     taps = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), tf.stack([1, 1, width, 1]))
     out = tf.nn.depthwise_conv2d(rows, taps, [1, 1, 1, 1], "VALID")
-    return tf.reshape(out, shape)
+    return tf.reshape(out, tf.stack([out_height, shape[1], shape[2]]))
 
 
-def _horizontal_pass(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """Convolves the columns of float32 [H, W, 3] with `kernel`, reflect padding.
+def _horizontal_pass(x: tf.Tensor, kernel: tf.Tensor, groups: tf.Tensor) -> tf.Tensor:
+    """float32 [H, G (groups + 2 D), 3] -> [H, G groups, 3]: rows convolved with `kernel`.
 
-    Groups of G = 8 pixels become 3 G channels; output group g reads input groups
-    g - D .. g + D (D = ceil(r / G)) through a [2 D + 1, 3 G, 3 G] filter.
+    Groups of G = 8 pixels become 3 G channels; output group g reads input
+    groups g .. g + 2 D (D = ceil(r / G)) through a [2 D + 1, 3 G, 3 G] filter.
     """
     g = _GROUP
-    shape = tf.shape(x)
-    height, width = shape[0], shape[1]
+    height = tf.shape(x)[0]
     r = tf.shape(kernel)[0] // 2
     d = (r + g - 1) // g
-    groups = (width + g - 1) // g
-    padded = _reflect_pad(x, 1, g * d, g * (groups + d) - width)
-    padded = tf.reshape(padded, tf.stack([1, height, groups + 2 * d, 3 * g]))
-    # offset[k, q, p]: input pixel q of group g + k - d feeds output pixel p.
+    x = tf.reshape(x, tf.stack([1, height, groups + 2 * d, 3 * g]))
+    # offset[k, q, p]: input pixel q of group g + k feeds output pixel p of group g.
     offset = (
         g * tf.range(-d, d + 1)[:, None, None]
         + tf.range(g)[None, :, None]
@@ -327,8 +335,8 @@ def _horizontal_pass(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     )
     taps = tf.einsum("kqp,ce->kqcpe", taps, tf.eye(3))
     taps = tf.reshape(taps, tf.stack([1, 2 * d + 1, 3 * g, 3 * g]))
-    out = tf.nn.conv2d(padded, taps, 1, "VALID")
-    return tf.reshape(out, tf.stack([height, groups * g, 3]))[:, :width]
+    out = tf.nn.conv2d(x, taps, 1, "VALID")
+    return tf.reshape(out, tf.stack([height, groups * g, 3]))
 
 
 @_no_autograph
@@ -336,11 +344,18 @@ def gaussian_blur(x: tf.Tensor, sigma: tf.Tensor | float) -> tf.Tensor:
     """Separable Gaussian blur (`gaussian_kernel`), reflect padding.
 
     The stand-in for ImageFilter.GaussianBlur(radius=sigma), whose three box
-    passes span about 3 sigma too. Weights are positive and sum to 1, so the
-    result needs no clipping.
+    passes span about 3 sigma too. One reflect pad of both axes (the vertical
+    pass commutes with reflecting columns), then the two passes unpadded.
+    Weights are positive and sum to 1, so the result needs no clipping.
     """
     kernel = gaussian_kernel(sigma)
-    return _horizontal_pass(_vertical_pass(x, kernel), kernel)
+    r = tf.shape(kernel)[0] // 2
+    width = tf.shape(x)[1]
+    d = (r + _GROUP - 1) // _GROUP
+    groups = (width + _GROUP - 1) // _GROUP
+    x = _reflect_pad(x, r, _GROUP * d, _GROUP * (groups + d) - width)
+    x = _horizontal_pass(_vertical_pass(x, kernel), kernel, groups)
+    return x[:, :width]
 
 
 # ----------------------------------------------------------------- apply

@@ -3,6 +3,9 @@
 All three run in this one process tree on the same synthetic images:
   distort   tf.data map (AUTOTUNE, all cores) of distort(image, mask, seed=...),
             UDA's policy: 2 of 15 ops at p = 0.5, levels 1..9, then Cutout.
+  colour    the same map of augment.color.color_view(image, mask, seed=...),
+            UniMatch's colour view (jitter p 0.8, grey p 0.2, blur p 0.5) plus
+            the same Cutout; its ms/image is compared with distort's.
   keras     tf.data map of keras.layers.RandAugment on {"images",
             "segmentation_masks"} per example (its 11 ops, 2 per image).
   pillow    one process per core, each a Python loop doing the same policy
@@ -11,11 +14,13 @@ All three run in this one process tree on the same synthetic images:
 Geometric ops are timed with nearest resampling (the original's) and bilinear
 (distort's default) on both sides. Then a profile: images/s of `apply_op` for
 each op alone (tf.data, all cores) and of the fixed costs (no op fired;
-Cutout alone); ms/image there is wall time with all cores busy.
+Cutout alone), and of each part of the colour view alone (`apply_color` with
+fixed flags); ms/image there is wall time with all cores busy.
 
 Usage: python -m bench.augment [--num_images=200] [--large] [--skip_keras]
 """
 
+import functools
 import multiprocessing
 import os
 import time
@@ -28,7 +33,7 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image, ImageEnhance, ImageOps
 
-from augment import randaugment, seeds
+from augment import color, randaugment, seeds
 from uda_tf import common
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 200, "Images per distort/Pillow measurement.")
@@ -79,6 +84,25 @@ def distort_rate(images, masks, count, **kwargs) -> float:
     def fn(index, example):
         seed = seeds.example_seed(0, common.UNSUP_STREAM, index)
         return randaugment.distort(example[0], example[1], seed=seed, **kwargs)
+
+    return _rate(_stream(images, masks, fn, count), count)
+
+
+def color_rate(images, masks, count, **kwargs) -> float:
+    def fn(index, example):
+        seed = seeds.example_seed(0, common.UNSUP_STREAM, index)
+        return color.color_view(example[0], example[1], seed=seed, **kwargs)
+
+    return _rate(_stream(images, masks, fn, count), count)
+
+
+def apply_color_rate(images, masks, count, **fixed) -> float:
+    """Images/s of `apply_color` with some sampled parameters fixed (e.g. blur=True)."""
+
+    def fn(index, example):
+        params = color.sample_color_params(seed=seeds.example_seed(0, 1, index))
+        params.update({key: tf.constant(value) for key, value in fixed.items()})
+        return color.apply_color(example[0], params), example[1]
 
     return _rate(_stream(images, masks, fn, count), count)
 
@@ -221,6 +245,13 @@ def _measure(height, width):
         print(f"  ratio distort/pillow, both {interp:8s}: {ratio:5.2f}  (target >= 0.2)")
     strict = rates["distort", "bilinear"] / rates["pillow", "nearest"]
     print(f"  ratio distort bilinear (default) / pillow nearest (original's): {strict:5.2f}")
+    rates["colour"] = color_rate(images, masks, count)
+    print(f"colour view (tf.data, image+mask):       {rates['colour']:8.1f} images/s", flush=True)
+    distort_ms, colour_ms = 1000 / rates["distort", "bilinear"], 1000 / rates["colour"]
+    print(
+        f"  ms/image colour {colour_ms:.2f}, randaugment (bilinear) {distort_ms:.2f}: "
+        f"ratio colour/randaugment {colour_ms / distort_ms:5.2f}  (goal <= 1.0)"
+    )
     if not _SKIP_KERAS.value:
         kcount = _KERAS_IMAGES.value if height <= 512 else max(_KERAS_IMAGES.value // 3, 2)
         keras = keras_rate(images, masks, kcount)
@@ -245,6 +276,34 @@ def _profile(images, masks):
         rate = apply_op_rate(images, masks, count, name, interp)
         label = name if name not in randaugment.GEOMETRIC_OPS else f"{name} ({interp})"
         print(f"{label:28s} {rate:9.1f} {1000 / rate:9.2f}", flush=True)
+    _color_profile(images, masks, count)
+
+
+def _color_profile(images, masks, count):
+    """The colour view's parts alone: apply_color with fixed flags, then each pure op."""
+    off = {"jitter": False, "grey": False, "blur": False}
+    rows = [("colour: nothing fired", off), ("colour: jitter (4 ops)", {**off, "jitter": True})]
+    rows.append(("colour: greyscale", {**off, "grey": True}))
+    for sigma in (0.1, 1.0, 2.0):
+        rows.append((f"colour: blur sigma {sigma}", {**off, "blur": True, "sigma": sigma}))
+    for label, fixed in rows:
+        rate = apply_color_rate(images, masks, count, **fixed)
+        print(f"{label:28s} {rate:9.1f} {1000 / rate:9.2f}", flush=True)
+    ops = {
+        "brightness": functools.partial(color.brightness, factor=1.3),
+        "contrast": functools.partial(color.contrast, factor=1.3),
+        "saturation": functools.partial(color.saturation, factor=1.3),
+        "hue": functools.partial(color.hue_shift, shift=0.2),
+    }
+    for name, op in ops.items():  # uint8 -> float32 -> op -> uint8.
+
+        def fn(index, example, op=op):
+            del index
+            x = op(tf.cast(example[0], tf.float32))
+            return tf.cast(x + 0.5, tf.uint8), example[1]
+
+        rate = _rate(_stream(images, masks, fn, count), count)
+        print(f"{'colour: ' + name + ' op':28s} {rate:9.1f} {1000 / rate:9.2f}", flush=True)
 
 
 def main(argv):
