@@ -542,6 +542,7 @@ class DistributedTest(tf.test.TestCase):
             DistributedTest._reference = self._run(tf.distribute.get_strategy(), make_batch())
         return DistributedTest._reference
 
+    @pytest.mark.slow  # ~50 s on 2 cores; the custom-loop twin runs by default.
     def test_mirrored_fit_equals_one_device(self):
         self.assertLen(tf.config.list_logical_devices("CPU"), 2)
         self._check_same(self.reference(), self._run(self.mirrored(), make_batch()))

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -77,6 +78,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(out[serving.CLASSES], np.argmax(expected, axis=-1))
         self.assertEqual(out[serving.CLASSES].shape, (2, height, width))
 
+    @pytest.mark.slow  # a second process (~11 s)
     def test_fresh_process_reload_matches_keras(self):
         inputs = os.path.join(self.tmp, "fresh_in.npy")
         outputs = os.path.join(self.tmp, "fresh_out.npy")
@@ -91,6 +93,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
         )
         self.assertAllClose(np.load(outputs), self.keras_prob, atol=1e-4, rtol=0)
 
+    @pytest.mark.slow  # saved_model_cli in a subprocess (~9 s)
     def test_saved_model_cli_run_matches_keras(self):
         cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
         if not os.path.exists(cli):
