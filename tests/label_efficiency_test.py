@@ -160,8 +160,7 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
         uda_flags.define_flags(flag_values)
         args = self._method_flags(_fake_weights_dir())[method]
         missing = sorted(k for k in args if k not in flag_values)
-        if missing:  # Flags another change adds; the preset names them already.
-            self.skipTest(f"uda_tf.main has no --{missing} yet.")
+        self.assertEmpty(missing)
         flag_values(["uda_tf.main", *(f"--{k}={v}" for k, v in args.items())])
         cfg = uda_flags.config_from_flags(flag_values)  # validates
         self.assertEqual(cfg.model.backbone_width, 0.35)

@@ -36,16 +36,11 @@ ResNet, 1e-3 for the MobileNets and Xception) and momentum is 0.9 everywhere.
 import keras
 
 from uda_tf import common
+from uda_tf import config as config_lib
 from uda_tf.models import layers as L
 
-BACKBONES = (
-    "resnet50",
-    "resnet101",
-    "mobilenetv1",
-    "mobilenetv2",
-    "mobilenetv2_torchvision",
-    "xception",
-)
+# The names --backbone takes (one list, in uda_tf/config.py).
+BACKBONES = config_lib.BACKBONES
 # Input normalisations, (mean, std) of raw RGB pixels in [0, 255]:
 # "imagenet" = (x - MEAN_RGB) / STD_RGB; "tf" = x / 127.5 - 1 (keras
 # preprocess_input mode 'tf').
