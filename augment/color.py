@@ -282,14 +282,30 @@ def _reflect(index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 def _reflect_pad(x: tf.Tensor, rows: tf.Tensor, left: tf.Tensor, right: tf.Tensor) -> tf.Tensor:
     """Reflect-pads [H, W, C] by `rows` above and below, `left` and `right` columns.
 
-    One tf.pad where it can; pads of a side or more (tiny images) reflect
+    One copy (reversed slices) where it can; pads of a side or more (tiny images) reflect
     repeatedly, by gathers.
     """
     height, width = tf.shape(x)[0], tf.shape(x)[1]
 
     def _pad():
-        paddings = tf.stack([tf.stack([rows, rows]), tf.stack([left, right]), [0, 0]])
-        return tf.pad(x, paddings, mode="REFLECT")
+        # Concatenated reversed slices: about half the time of tf.pad's REFLECT
+        # (MirrorPad) on a 512 x 1024 image (bench/augment.py).
+        y = tf.concat(
+            [
+                tf.reverse(x[1 : rows + 1], [0]),
+                x,
+                tf.reverse(x[height - rows - 1 : height - 1], [0]),
+            ],
+            axis=0,
+        )
+        return tf.concat(
+            [
+                tf.reverse(y[:, 1 : left + 1], [1]),
+                y,
+                tf.reverse(y[:, width - right - 1 : width - 1], [1]),
+            ],
+            axis=1,
+        )
 
     def _gather():
         y = tf.gather(x, _reflect(tf.range(-rows, height + rows), height))

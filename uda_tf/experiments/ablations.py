@@ -93,6 +93,15 @@ VARIANTS = {
         "target from the shared training-mode pass (UDA's), not the EMA teacher",
         "uda_strong",
     ),
+    "strong_no_cutout": Variant(
+        "uda_strong",
+        ("--aug_cutout=false",),
+        "no always-on Cutout on the colour view (UniMatch's strong view has none)",
+        "uda_strong",
+    ),
+    "strong_coeff0.5": Variant(
+        "uda_strong", ("--unsup_coeff=0.5",), "unsup_coeff 0.5", "uda_strong"
+    ),
     "strong_no_cutmix": Variant(
         "uda_strong", ("--unsup_mix=none",), "no CutMix between the unlabeled images", "uda_strong"
     ),
