@@ -252,6 +252,14 @@ def _measure(height, width):
         f"  ms/image colour {colour_ms:.2f}, randaugment (bilinear) {distort_ms:.2f}: "
         f"ratio colour/randaugment {colour_ms / distort_ms:5.2f}  (goal <= 1.0)"
     )
+    # uda_strong's view (label_efficiency.STRONG_FLAGS: --aug_cutout=false, as UniMatch).
+    rates["colour_no_cutout"] = color_rate(images, masks, count, cutout=False)
+    plain_ms = 1000 / rates["colour_no_cutout"]
+    print(
+        f"colour view without Cutout (uda_strong's): {rates['colour_no_cutout']:8.1f} images/s, "
+        f"ms/image {plain_ms:.2f}: ratio to randaugment + Cutout {plain_ms / distort_ms:5.2f}",
+        flush=True,
+    )
     if not _SKIP_KERAS.value:
         kcount = _KERAS_IMAGES.value if height <= 512 else max(_KERAS_IMAGES.value // 3, 2)
         keras = keras_rate(images, masks, kcount)

@@ -19,6 +19,7 @@ UNLABELED_FLAGS = {
     "uda_softmax_temp",
     "unsup_coeff",
     "aug_policy",
+    "aug_cutout",
     "unsup_mix",
     "uda_loss",
     "uda_target",
@@ -126,6 +127,8 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
             {"aug_policy": "color", "unsup_mix": "cutmix", "uda_loss": "ce", "uda_target": "ema"},
         )
         self.assertEqual(strong["uda_confidence_thresh"], "0.95")
+        self.assertEqual(strong["aug_cutout"], "False")  # UniMatch's view: no Cutout.
+        self.assertNotIn("aug_cutout", by_method["uda"])  # UDA keeps its always-on one.
         self.assertEqual(by_method["uda"]["uda_softmax_temp"], "0.4")
 
     def test_the_model_is_the_pretrained_deeplab(self):

@@ -93,10 +93,10 @@ VARIANTS = {
         "target from the shared training-mode pass (UDA's), not the EMA teacher",
         "uda_strong",
     ),
-    "strong_no_cutout": Variant(
+    "strong_cutout": Variant(
         "uda_strong",
-        ("--aug_cutout=false",),
-        "no always-on Cutout on the colour view (UniMatch's strong view has none)",
+        ("--aug_cutout=true",),
+        "RandAugment's always-on Cutout on the colour view (the first recipe)",
         "uda_strong",
     ),
     "strong_coeff0.5": Variant(
@@ -111,11 +111,20 @@ VARIANTS = {
         "UDA's RandAugment + Cutout as the strong view instead of the colour one",
         "uda_strong",
     ),
+    "supervised_2400": Variant(
+        "supervised", ("--train_steps=2400", "--save_steps=800"), "supervised, 2x steps", ""
+    ),
+    "uda_strong_2400": Variant(
+        "uda_strong",
+        ("--train_steps=2400", "--save_steps=800"),
+        "uda_strong, 2x steps",
+        "supervised_2400",
+    ),
     "supervised_4800": Variant(
-        "supervised", ("--train_steps=4800", "--save_steps=1200"), "supervised, 2x steps", ""
+        "supervised", ("--train_steps=4800", "--save_steps=1200"), "supervised, 4x steps", ""
     ),
     "uda_4800": Variant(
-        "uda", ("--train_steps=4800", "--save_steps=1200"), "UDA, 2x steps", "supervised_4800"
+        "uda", ("--train_steps=4800", "--save_steps=1200"), "UDA, 4x steps", "supervised_4800"
     ),
 }
 CSV_FIELDS = ("variant",) + le.CSV_FIELDS
