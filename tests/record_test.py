@@ -149,6 +149,20 @@ class ReportTest(tf.test.TestCase):
         self.assertIn("| car | 31.0 | 38.0 | +7.0 |", lines)
         self.assertIn("| **mean_iou** | 41.0 | 45.0 | +4.0 |", lines)
 
+    def test_paired_differences_are_seed_by_seed(self):
+        lines = record.paired_table(self.rows).splitlines()
+        self.assertLen(lines, 2 + 2)  # header, rule, uda and uda_strong
+        self.assertIn("| 1/8 | uda | +1.0 (0), -1.0 (1) | +0.0 |", lines)
+        self.assertIn("| 1/8 | uda_strong | +4.0 (0), +4.0 (1) | +4.0 |", lines)
+
+    def test_a_tuning_reference_may_be_a_tuning_run(self):
+        rows = self.rows + [
+            _row("supervised_2400", 0, 0.50, tuning=True, reference=""),
+            _row("uda_strong_2400", 0, 0.53, tuning=True, reference="supervised_2400"),
+        ]
+        self.assertIn("| 1/8 | uda_strong_2400 | 0 | 53.0 | +3.0 vs supervised_2400 |",
+                      record.tuning_table(rows))  # fmt: skip
+
     def test_report_names_the_tuning_runs(self):
         text = record.report(self.rows)
         self.assertIn(

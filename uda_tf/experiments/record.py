@@ -197,9 +197,12 @@ def tuning_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     table = {(r["fraction"], r["method"], r["seed"]): r for r in rows if not r["tuning"]}
+    # A reference that is itself a tuning variant (e.g. supervised_2400) is a tuning row.
+    tuned = {(r["fraction"], r["method"], r["seed"]): r for r in rows if r["tuning"]}
     for row in rows:
         if row["tuning"]:
-            ref = table.get((row["fraction"], row["reference"], row["seed"]))
+            key = (row["fraction"], row["reference"], row["seed"])
+            ref = table.get(key, tuned.get(key))
             delta = "—"
             if ref is not None:
                 diff = round(100 * (row["mean_iou"] - ref["mean_iou"]), 1) + 0.0
@@ -210,6 +213,28 @@ def tuning_table(rows: list[dict]) -> str:
                 f"`{row['flags']}` | {row['wall_s'] / 60:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], reference: str = "supervised") -> str:
+    """Each method's mIoU minus the reference's on the same fraction and seed (the
+    same labeled frames), seed by seed and on average; non-tuning rows only."""
+    groups = _groups(rows)
+    lines = [
+        f"| labeled fraction | method | Δ mIoU vs {reference}, seed by seed | mean Δ |",
+        "|---|---|---|---|",
+    ]
+    for (fraction, method), group in sorted(
+        groups.items(), key=lambda kv: (fractions_lib.Fraction(kv[0][0]), kv[0][1])
+    ):
+        ref = {r["seed"]: r for r in groups.get((fraction, reference), [])}
+        pairs = [(r["seed"], 100 * (r["mean_iou"] - ref[r["seed"]]["mean_iou"])) for r in group
+                 if r["seed"] in ref]  # fmt: skip
+        if method == reference or not pairs:
+            continue
+        every = ", ".join(f"{d:+.1f} ({seed})" for seed, d in pairs)
+        mean = round(float(np.mean([d for _, d in pairs])), 1) + 0.0
+        lines.append(f"| {fraction} | {method} | {every} | {mean:+.1f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def best_method(rows: list[dict], fraction: str, reference: str = "supervised") -> str | None:
@@ -245,6 +270,9 @@ def per_class_table(rows: list[dict], fraction: str, reference: str = "supervise
 def report(rows: list[dict]) -> str:
     """The markdown of a record: results, per-class IoU of the best recipe, tuning runs."""
     parts = [results_table(rows)]
+    paired = paired_table(rows)
+    if paired:
+        parts.append(paired)
     fractions = sorted({r["fraction"] for r in rows if not r["tuning"]}, key=fractions_lib.Fraction)
     for fraction in fractions:
         table = per_class_table(rows, fraction)
