@@ -377,6 +377,9 @@ def main(argv: list[str]) -> None:
     if cfg.report_only:
         if not cfg.record:
             raise app.UsageError("--report_only reads the runs of a --record CSV.")
+        if not (cfg["preset"].present and cfg["task_name"].present):
+            # The record's runs say nothing of the default flags: name the plot by the record.
+            title = os.path.splitext(os.path.basename(cfg.record))[0]
         print(record_lib.report_record(cfg.record, title))
         return
     num_train = check_common_flags(cfg)
