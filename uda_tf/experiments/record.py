@@ -196,13 +196,13 @@ def tuning_table(rows: list[dict]) -> str:
         ),
         "|---|---|---|---|---|---|---|---|",
     ]
-    table = {(r["fraction"], r["method"], r["seed"]): r for r in rows if not r["tuning"]}
-    # A reference that is itself a tuning variant (e.g. supervised_2400) is a tuning row.
-    tuned = {(r["fraction"], r["method"], r["seed"]): r for r in rows if r["tuning"]}
+    # Every run by (fraction, method, seed); a table run wins over a tuning run of
+    # the same name, and a reference may be a tuning variant (e.g. supervised_2400).
+    runs = {(r["fraction"], r["method"], r["seed"]): r for r in rows if r["tuning"]}
+    runs.update({(r["fraction"], r["method"], r["seed"]): r for r in rows if not r["tuning"]})
     for row in rows:
         if row["tuning"]:
-            key = (row["fraction"], row["reference"], row["seed"])
-            ref = table.get(key, tuned.get(key))
+            ref = runs.get((row["fraction"], row["reference"], row["seed"]))
             delta = "—"
             if ref is not None:
                 diff = round(100 * (row["mean_iou"] - ref["mean_iou"]), 1) + 0.0
@@ -226,10 +226,12 @@ def paired_table(rows: list[dict], reference: str = "supervised") -> str:
     for (fraction, method), group in sorted(
         groups.items(), key=lambda kv: (fractions_lib.Fraction(kv[0][0]), kv[0][1])
     ):
-        ref = {r["seed"]: r for r in groups.get((fraction, reference), [])}
-        pairs = [(r["seed"], 100 * (r["mean_iou"] - ref[r["seed"]]["mean_iou"])) for r in group
+        if method == reference:
+            continue
+        ref = {r["seed"]: r["mean_iou"] for r in groups.get((fraction, reference), [])}
+        pairs = [(r["seed"], 100 * (r["mean_iou"] - ref[r["seed"]])) for r in group
                  if r["seed"] in ref]  # fmt: skip
-        if method == reference or not pairs:
+        if not pairs:
             continue
         every = ", ".join(f"{d:+.1f} ({seed})" for seed, d in pairs)
         mean = round(float(np.mean([d for _, d in pairs])), 1) + 0.0
