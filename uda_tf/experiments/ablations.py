@@ -126,6 +126,12 @@ VARIANTS = {
     "uda_4800": Variant(
         "uda", ("--train_steps=4800", "--save_steps=1200"), "UDA, 4x steps", "supervised_4800"
     ),
+    "uda_strong_4800": Variant(
+        "uda_strong",
+        ("--train_steps=4800", "--save_steps=1200"),
+        "uda_strong, 4x steps",
+        "supervised_4800",
+    ),
 }
 CSV_FIELDS = ("variant",) + le.CSV_FIELDS
 
