@@ -284,6 +284,13 @@ def _define_data(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool(
         "aug_cutout", True, "Always-on Cutout after RandAugment (UDA: on).", flag_values=fv
     )
+    flags.DEFINE_float(
+        "aug_color_hue",
+        config_lib.COLOR_HUE,
+        "--aug_policy=color: the hue shift is uniform in [-h, h], a fraction of the colour "
+        "circle (UniMatch: 0.25; 0 = no hue jitter).",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "sup_randaugment",
         False,

@@ -9,6 +9,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import parameterized
 
+from augment import color
 from flags import uda_flags
 from uda_tf import config as config_lib
 
@@ -265,6 +266,7 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         ),
         (("--aug_policy=color", "--aug_ops=photometric"), "aug_ops", "aug_policy"),
         (("--aug_policy=color", "--aug_num_layers=3"), "aug_num_layers", "aug_policy"),
+        (("--aug_color_hue=0.1",), "aug_color_hue", "aug_policy"),
     )
     def test_invalid_combinations_name_both_flags(self, argv, flag, other):
         with self.assertRaisesRegex(ValueError, f"^[^\\n]*--{flag}=[^\\n]*--{other}=[^\\n]*$"):
@@ -278,6 +280,12 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         ):
             cfg = _config("--unsup_ratio=1", "--train_batch_size=2", *argv)
             self.assertEqual(cfg.uda.unsup_ratio, 1)
+
+    def test_colour_hue_reaches_the_config_and_is_range_checked(self):
+        self.assertEqual(_config().data.aug_color_hue, color.HUE)
+        self.assertEqual(_config("--aug_policy=color", "--aug_color_hue=0").data.aug_color_hue, 0)
+        with self.assertRaisesRegex(ValueError, r"--aug_color_hue=0\.6 .*in \[0, 0\.5\]"):
+            _config("--aug_policy=color", "--aug_color_hue=0.6")
 
     def test_docs_name_every_flag(self):
         docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "flags.md")

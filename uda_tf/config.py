@@ -43,6 +43,8 @@ UDA_LOSSES = ("kl", "ce")
 UNSUP_MIXES = ("none", "cutmix")
 # The strong view's policy: UDA's RandAugment, or UniMatch's colour view (augment/color.py).
 AUG_POLICIES = ("randaugment", "color")
+# The colour view's hue jitter, UniMatch's ColorJitter(hue=0.25) (augment.color.HUE).
+COLOR_HUE = 0.25
 
 
 def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
@@ -97,6 +99,8 @@ class DataConfig:
     aug_num_layers: int = 2
     aug_prob: float = 0.5
     aug_cutout: bool = True
+    # The colour view's hue shift is uniform in [-aug_color_hue, aug_color_hue].
+    aug_color_hue: float = COLOR_HUE
     # Also RandAugment the labeled crops (jointly with their masks).
     sup_randaugment: bool = False
 
@@ -148,6 +152,13 @@ class DataConfig:
             )
         _check(self.aug_num_layers >= 0, "aug_num_layers", self.aug_num_layers, ">= 0")
         _check(0.0 <= self.aug_prob <= 1.0, "aug_prob", self.aug_prob, "in [0, 1]")
+        _check(0.0 <= self.aug_color_hue <= 0.5, "aug_color_hue", self.aug_color_hue, "in [0, 0.5]")
+        _check(
+            self.aug_policy == "color" or self.aug_color_hue == COLOR_HUE,
+            "aug_color_hue",
+            self.aug_color_hue,
+            f"its default {COLOR_HUE} with --aug_policy={self.aug_policy} (a colour-view knob)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -322,6 +322,22 @@ class StrongViewTest(tf.test.TestCase):
             expected, _, _ = color.color_view(batch[common.ORI_IMAGE][i], seed=aug_seed)
             self.assertAllEqual(batch[common.AUG_IMAGE][i], expected)
 
+    def test_color_hue_flag_sets_the_views_hue_range(self):
+        def views(hue):
+            cfg = _cfg(unsup_ratio=1, aug_policy="color", aug_color_hue=hue)
+            return cfg, _batches(streams.train_dataset(cfg), 1)[0]
+
+        cfg, batch = views(0.0)
+        _, default = views(color.HUE)
+        self.assertAllEqual(batch[common.ORI_IMAGE], default[common.ORI_IMAGE])
+        for i in range(2):
+            seed = seeds.example_seed(cfg.seed, common.UNSUP_STREAM, tf.constant(i, tf.int64))
+            _, aug_seed = seeds.split_seed(seed, 2)
+            expected, _, _ = color.color_view(batch[common.ORI_IMAGE][i], seed=aug_seed, hue=0.0)
+            self.assertAllEqual(batch[common.AUG_IMAGE][i], expected)
+        # Seed 0's views: the jitter fires on one of the two, so its hue shift shows.
+        self.assertNotAllEqual(batch[common.AUG_IMAGE], default[common.AUG_IMAGE])
+
     def test_cutmix_mixes_each_batch_with_its_step_seed(self):
         real = streams.randaugment_distort
         streams.randaugment_distort = _fake_distort

@@ -193,7 +193,9 @@ def strong_view(
     (+ Cutout with --aug_cutout), with the identity transform.
     """
     if cfg.aug_policy == "color":
-        return color.color_view(image, None, seed=seed, cutout=cfg.aug_cutout)
+        return color.color_view(
+            image, None, seed=seed, cutout=cfg.aug_cutout, hue=cfg.aug_color_hue
+        )
     return randaugment_distort(image, None, seed=seed, cfg=cfg)
 
 

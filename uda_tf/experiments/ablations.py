@@ -102,6 +102,12 @@ VARIANTS = {
     "strong_coeff0.5": Variant(
         "uda_strong", ("--unsup_coeff=0.5",), "unsup_coeff 0.5", "uda_strong"
     ),
+    "strong_hue0": Variant(
+        "uda_strong",
+        ("--aug_color_hue=0",),
+        "no hue jitter in the colour view (sky and tree lose most under UniMatch's 0.25)",
+        "uda_strong",
+    ),
     "strong_no_cutmix": Variant(
         "uda_strong", ("--unsup_mix=none",), "no CutMix between the unlabeled images", "uda_strong"
     ),
