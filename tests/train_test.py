@@ -126,7 +126,9 @@ class CheckpointRecoveryTest(parameterized.TestCase, tf.test.TestCase):
         # ckpt-1..3 untouched, the broken files moved aside, ckpt-4 trained again.
         states = _file_states(model_dir)
         self.assertEqual({n: states[n] for n in intact}, intact)
-        self.assertEqual(sorted(os.listdir(os.path.join(model_dir, checkpoints.BROKEN_DIR))), broken)
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(model_dir, checkpoints.BROKEN_DIR))), broken
+        )
         self._assert_final_weights(model_dir)
         self._assert_log_is_the_uninterrupted_one(model_dir)
         state = tf.train.get_checkpoint_state(model_dir)

@@ -358,7 +358,9 @@ class StrongViewTest(tf.test.TestCase):
             # Inside the box the pixel is the partner's aug view, outside its own.
             box = b[common.MIX_MASK].astype(bool)[..., None]
             partner_aug = a[common.AUG_IMAGE][b[common.MIX_PARTNER]]
-            self.assertAllEqual(b[common.AUG_IMAGE], np.where(box, partner_aug, a[common.AUG_IMAGE]))
+            self.assertAllEqual(
+                b[common.AUG_IMAGE], np.where(box, partner_aug, a[common.AUG_IMAGE])
+            )
         self.assertGreater(sum(b[common.MIX_MASK].sum() for b in mixed), 0)
         for key in mixed[2]:
             self.assertAllEqual(resumed[0][key], mixed[2][key])
