@@ -114,7 +114,7 @@ VARIANTS = {
     "strong_randaugment": Variant(
         "uda_strong",
         ("--aug_policy=randaugment",),
-        "UDA's RandAugment + Cutout as the strong view instead of the colour one",
+        "UDA's RandAugment (no Cutout, as the frozen recipe) as the strong view instead of the colour one",
         "uda_strong",
     ),
     "supervised_2400": Variant(
