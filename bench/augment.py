@@ -17,7 +17,16 @@ each op alone (tf.data, all cores) and of the fixed costs (no op fired;
 Cutout alone), and of each part of the colour view alone (`apply_color` with
 fixed flags); ms/image there is wall time with all cores busy.
 
+Real frames. The synthetic images carry iid noise (std 25), the worst case
+for tf.image.adjust_hue, whose per-pixel HSV code branches on which channel is
+largest (about twice its time on smooth or real images, where neighbours
+agree). So the colour view and RandAugment are also compared on real street
+scenes: the CamVid frames of --camvid_dir (../shared/data/camvid_240x180 by
+default; skipped, saying so, when absent), at their stored 180x240 and resized
+(bilinear, labels nearest) to 512x1024.
+
 Usage: python -m bench.augment [--num_images=200] [--large] [--skip_keras]
+       [--camvid_dir=DIR]
 """
 
 import functools
@@ -42,8 +51,16 @@ _PROFILE_IMAGES = flags.DEFINE_integer("profile_images", 40, "Images per op in t
 _LARGE = flags.DEFINE_bool("large", False, "Also measure 1024x2048.")
 _SKIP_KERAS = flags.DEFINE_bool("skip_keras", False, "Skip keras.layers.RandAugment.")
 _PROFILE = flags.DEFINE_bool("profile", True, "Print the per-op profile at the first size.")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CAMVID_DIR = flags.DEFINE_string(
+    "camvid_dir",
+    os.path.join(os.path.dirname(_REPO), "shared", "data", "camvid_240x180"),
+    "CamVid frames ({dir}/train/images/*.jpg, labels/*.png) for the real-frame comparison; "
+    "skipped when absent.",
+)
 
 _POOL = 8  # distinct synthetic images, cycled.
+_ROUNDS = 3  # interleaved rounds of the real-frame comparison.
 _MEAN = common.MEAN_RGB_UINT8
 
 
@@ -219,6 +236,57 @@ def pillow_rate(images, count, interpolation) -> float:
         return per_worker * workers / (time.perf_counter() - start)
 
 
+def _camvid(directory: str, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """_POOL CamVid train frames and labels, at their stored size or resized to `size` (h, w)."""
+    names = sorted(os.listdir(os.path.join(directory, "train", "images")))[:: 367 // _POOL][:_POOL]
+    images, masks = [], []
+    for name in names:
+        image = Image.open(os.path.join(directory, "train", "images", name)).convert("RGB")
+        label = Image.open(os.path.join(directory, "train", "labels", name[:-4] + ".png"))
+        if size is not None:
+            image = image.resize(size[::-1], Image.BILINEAR)
+            label = label.resize(size[::-1], Image.NEAREST)
+        images.append(np.asarray(image, np.uint8))
+        masks.append(np.asarray(label, np.uint8))
+    return np.stack(images), np.stack(masks)
+
+
+def _measure_real():
+    """Colour view against RandAugment on real street scenes (CamVid), in this run."""
+    directory = _CAMVID_DIR.value
+    if not os.path.isdir(os.path.join(directory, "train", "images")):
+        print(f"\n== real frames: skipped, no CamVid frames in {directory} (--camvid_dir) ==")
+        return
+    for size in (None, (512, 1024)):
+        images, masks = _camvid(directory, size)
+        height, width = images.shape[1:3]
+        count = _NUM_IMAGES.value * (4 if size is None else 1)
+        label = "stored size" if size is None else "resized"
+        print(
+            f"\n== real frames: CamVid {height}x{width} ({label}), {count} images, "
+            f"best of {_ROUNDS} interleaved rounds ==",
+            flush=True,
+        )
+        # Interleaved rounds, the best of each: a busy machine slows one round, not a method.
+        best = {"randaugment": np.inf, "colour": np.inf, "plain": np.inf}
+        for _ in range(_ROUNDS):
+            timings = {
+                "randaugment": functools.partial(distort_rate, interpolation="bilinear"),
+                "colour": color_rate,
+                "plain": functools.partial(color_rate, cutout=False),
+            }
+            for key, rate in timings.items():
+                best[key] = min(best[key], 1000 / rate(images, masks, count))
+        distort_ms, colour_ms, plain_ms = best["randaugment"], best["colour"], best["plain"]
+        print(
+            f"  ms/image randaugment (bilinear) {distort_ms:.2f}, colour {colour_ms:.2f}, "
+            f"colour without Cutout (uda_strong's) {plain_ms:.2f}\n"
+            f"  ratio colour/randaugment {colour_ms / distort_ms:5.2f}  (goal <= 1.0); "
+            f"without Cutout {plain_ms / distort_ms:5.2f}",
+            flush=True,
+        )
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -320,6 +388,7 @@ def main(argv):
     images, masks = _measure(512, 1024)
     if _LARGE.value:
         _measure(1024, 2048)
+    _measure_real()
     if _PROFILE.value:
         _profile(images, masks)
 
