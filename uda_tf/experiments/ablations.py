@@ -138,6 +138,12 @@ VARIANTS = {
         "uda_strong, 4x steps",
         "supervised_4800",
     ),
+    "uda_strong_4800_coeff0.5": Variant(
+        "uda_strong",
+        ("--train_steps=4800", "--save_steps=1200", "--unsup_coeff=0.5"),
+        "uda_strong, 4x steps, unsup_coeff 0.5",
+        "supervised_4800",
+    ),
 }
 CSV_FIELDS = ("variant",) + le.CSV_FIELDS
 
