@@ -44,6 +44,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from augment import color, randaugment, seeds
 from uda_tf import common
+from uda_tf.data import folder
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 200, "Images per distort/Pillow measurement.")
 _KERAS_IMAGES = flags.DEFINE_integer("keras_images", 12, "Images for the (slow) Keras layer.")
@@ -238,17 +239,26 @@ def pillow_rate(images, count, interpolation) -> float:
 
 def _camvid(directory: str, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """_POOL CamVid train frames and labels, at their stored size or resized to `size` (h, w)."""
-    names = sorted(os.listdir(os.path.join(directory, "train", "images")))[:: 367 // _POOL][:_POOL]
+    pairs = folder.simple_pairs(directory, "train")
     images, masks = [], []
-    for name in names:
-        image = Image.open(os.path.join(directory, "train", "images", name)).convert("RGB")
-        label = Image.open(os.path.join(directory, "train", "labels", name[:-4] + ".png"))
+    for pair in pairs[:: max(len(pairs) // _POOL, 1)][:_POOL]:
+        image = Image.open(pair.image_path).convert("RGB")
+        label = Image.open(pair.label_path)
         if size is not None:
             image = image.resize(size[::-1], Image.BILINEAR)
             label = label.resize(size[::-1], Image.NEAREST)
         images.append(np.asarray(image, np.uint8))
         masks.append(np.asarray(label, np.uint8))
     return np.stack(images), np.stack(masks)
+
+
+# The real-frame comparison: RandAugment + Cutout, the colour view + Cutout, and
+# without Cutout (uda_strong's).
+_REAL_RATES = {
+    "randaugment": functools.partial(distort_rate, interpolation="bilinear"),
+    "colour": color_rate,
+    "plain": functools.partial(color_rate, cutout=False),
+}
 
 
 def _measure_real():
@@ -268,14 +278,9 @@ def _measure_real():
             flush=True,
         )
         # Interleaved rounds, the best of each: a busy machine slows one round, not a method.
-        best = {"randaugment": np.inf, "colour": np.inf, "plain": np.inf}
+        best = dict.fromkeys(_REAL_RATES, np.inf)
         for _ in range(_ROUNDS):
-            timings = {
-                "randaugment": functools.partial(distort_rate, interpolation="bilinear"),
-                "colour": color_rate,
-                "plain": functools.partial(color_rate, cutout=False),
-            }
-            for key, rate in timings.items():
+            for key, rate in _REAL_RATES.items():
                 best[key] = min(best[key], 1000 / rate(images, masks, count))
         distort_ms, colour_ms, plain_ms = best["randaugment"], best["colour"], best["plain"]
         print(
