@@ -76,6 +76,9 @@ _TARGET = flags.DEFINE_enum(
 )
 _LOSS = flags.DEFINE_enum("uda_loss", "kl", list(UDA_LOSSES), "The consistency divergence.")
 _MIX = flags.DEFINE_enum("unsup_mix", "none", list(UNSUP_MIXES), "Mixing of the aug views.")
+_FP = flags.DEFINE_float(
+    "uda_fp_coeff", 0.0, "UniMatch's feature perturbation pass (DeepLab only); 0 = off."
+)
 _LEVERS = flags.DEFINE_multi_string(
     "lever",
     [],
@@ -90,6 +93,7 @@ LEVER_KEYS = (
     "uda_target",
     "uda_loss",
     "unsup_mix",
+    "uda_fp_coeff",
     "mixed_precision",
     "backbone_width",
     "decoder_filters",
@@ -120,6 +124,7 @@ class Setting:
     uda_target: str
     uda_loss: str
     unsup_mix: str
+    uda_fp_coeff: float
     mixed_precision: bool
 
 
@@ -218,6 +223,7 @@ def _model(setting: Setting, unsup_ratio: int) -> UdaModel:
             uda_target=setting.uda_target,
             uda_loss=setting.uda_loss if unsup_ratio else "kl",
             unsup_mix=setting.unsup_mix if unsup_ratio else "none",
+            uda_fp_coeff=setting.uda_fp_coeff if unsup_ratio else 0.0,
             num_classes=setting.num_classes,
             train_steps=100000,
         )
@@ -267,7 +273,7 @@ def _describe(setting: Setting, model: UdaModel) -> str:
         f"{num_images} images of {setting.height}x{setting.width} per step "
         f"(B={setting.batch}, r={setting.unsup_ratio}), {setting.num_classes} classes, "
         f"uda_target {setting.uda_target}, uda_loss {setting.uda_loss}, "
-        f"unsup_mix {setting.unsup_mix}, "
+        f"unsup_mix {setting.unsup_mix}, uda_fp_coeff {setting.uda_fp_coeff}, "
         f"{'mixed' if setting.mixed_precision else 'float32'}"
     )
 

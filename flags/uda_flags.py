@@ -119,6 +119,20 @@ def _define_original(fv: flags.FlagValues) -> None:
         flag_values=fv,
     )
     flags.DEFINE_float(
+        "uda_fp_coeff",
+        0.0,
+        "UniMatch's feature perturbation (DeepLab only): adds this weight times the "
+        "consistency loss between the target and a training pass on the originals whose "
+        "backbone features lose whole channels (--uda_fp_dropout). 0 = off.",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "uda_fp_dropout",
+        0.5,
+        "Channel dropout rate of --uda_fp_coeff's features (UniMatch: Dropout2d(0.5)).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
         "moving_average_decay",
         0.9999,
         "EMA decay of weights and BN statistics; evaluation and export use the EMA. "

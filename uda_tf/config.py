@@ -223,6 +223,14 @@ class UdaConfig:
     # "cutmix": the batch carries MIX_MASK / MIX_PARTNER and the targets are
     # mixed as the aug views were (augment/mix.py).
     unsup_mix: str = "none"
+    # UniMatch's feature perturbation: > 0 adds uda_fp_coeff x the same
+    # consistency loss between the target and a training pass on the originals
+    # whose backbone features (DeepLab's low and high level) lose whole
+    # channels with probability uda_fp_dropout (Dropout2d); 0 = off.
+    uda_fp_coeff: float = 0.0
+    uda_fp_dropout: float = 0.5
+    # Seeds the feature dropout (the run's --seed).
+    seed: int = 0
     num_classes: int = 19
     ignore_label: int = 255
     # Denominator of TSA progress (and of the LR schedule).
@@ -265,6 +273,14 @@ class UdaConfig:
             raise ValueError(
                 f"--uda_loss=ce contradicts --uda_softmax_temp={self.uda_softmax_temp}: a hard "
                 "target is the argmax, which a temperature does not change; use -1."
+            )
+        _check(self.uda_fp_coeff >= 0, "uda_fp_coeff", self.uda_fp_coeff, ">= 0")
+        _check(
+            0 < self.uda_fp_dropout < 1, "uda_fp_dropout", self.uda_fp_dropout, "in (0, 1)"
+        )
+        if self.uda_fp_coeff > 0 and self.unsup_ratio == 0:
+            raise ValueError(
+                f"--uda_fp_coeff={self.uda_fp_coeff} needs unlabeled data: --unsup_ratio > 0."
             )
         _check(self.train_steps > 0, "train_steps", self.train_steps, "> 0")
 
@@ -376,6 +392,11 @@ class Config:
             (self.data.unsup_mix, self.uda.unsup_mix),
             "the same value for data and loss",
         )
+        if self.uda.uda_fp_coeff > 0 and self.model.model_name != "deeplabv3plus":
+            raise ValueError(
+                f"--uda_fp_coeff={self.uda.uda_fp_coeff} perturbs DeepLab's backbone features: "
+                f"it needs --model_name=deeplabv3plus, not {self.model.model_name!r}."
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

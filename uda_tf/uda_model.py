@@ -37,9 +37,68 @@ from absl import logging
 from uda_tf import common, losses
 from uda_tf.config import UdaConfig
 from uda_tf.metrics import ConfusionMatrixIoU
+from uda_tf.models import deeplabv3plus
 
 # The loss terms of the logs, checked for NaN/Inf every step.
-LOSS_LOG_KEYS = ("sup/loss", "unsup/loss", "unsup/ent_min_loss", "total_loss")
+LOSS_LOG_KEYS = ("sup/loss", "unsup/loss", "unsup/fp_loss", "unsup/ent_min_loss", "total_loss")
+# The step's share of a feature-dropout seed: seed[1] = step * this + example.
+_FP_EXAMPLES_PER_STEP = 1 << 20
+
+
+def channel_dropout(x: tf.Tensor, rate: float, seeds: tf.Tensor) -> tf.Tensor:
+    """Dropout2d: each example loses whole channels with probability `rate`.
+
+    x [N, h, w, C]; seeds int64 [N, 2], one stateless seed per example, so an
+    example's mask depends on its seed only (not on the batch it is in or on
+    the replica). Kept channels are scaled by 1 / (1 - rate).
+    """
+    channels = tf.shape(x)[-1]
+    keep = tf.map_fn(
+        lambda seed: tf.cast(tf.random.stateless_uniform([channels], seed) >= rate, tf.float32),
+        seeds,
+        fn_output_signature=tf.float32,
+    )  # [N, C]
+    scale = tf.cast(keep / (1.0 - rate), x.dtype)
+    return x * scale[:, tf.newaxis, tf.newaxis, :]
+
+
+def fp_seeds(seed: int, part: int, step, first, num) -> tf.Tensor:
+    """int64 [num, 2]: the dropout seeds of examples first .. first + num - 1
+    of the global batch at `step`, [2 * seed + part, step * 2**20 + index]."""
+    index = tf.cast(step, tf.int64) * _FP_EXAMPLES_PER_STEP + tf.cast(first, tf.int64)
+    index += tf.range(tf.cast(num, tf.int64), dtype=tf.int64)
+    return tf.stack([tf.fill(tf.shape(index), tf.constant(2 * seed + part, tf.int64)), index], 1)
+
+
+class FeaturePerturbation:
+    """UniMatch's feature perturbation pass of a DeepLabV3Plus (--uda_fp_coeff).
+
+    UniMatch (model/semseg/deeplabv3plus.py, need_fp) decodes Dropout2d(0.5)
+    of the backbone's low- and high-level features; here the same on the
+    originals: features(x), channel_dropout of each, head(...), all in
+    training mode. A plain object, so that Keras does not track the two
+    sub-models (which share the network's layers) as more weights.
+
+    The seed of example i of the global batch at step s is [2 * seed + j,
+    s * 2**20 + i] (j = 0 low level, 1 high level): a distributed step drops
+    the channels a single-device step over the same global batch drops.
+    """
+
+    def __init__(self, network: keras.Model, *, rate: float, seed: int):
+        self.features, self.head = deeplabv3plus.feature_parts(network)
+        self.rate = float(rate)
+        self.seed = int(seed)
+
+    def __call__(self, images: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """Logits [N, H, W, K] of the perturbed pass on images [N, H, W, 3]."""
+        low, high = self.features(images, training=True)
+        num = tf.shape(images)[0]
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        first = tf.cast(replica, tf.int64) * tf.cast(num, tf.int64)
+        low = channel_dropout(low, self.rate, fp_seeds(self.seed, 0, step, first, num))
+        high = channel_dropout(high, self.rate, fp_seeds(self.seed, 1, step, first, num))
+        return self.head([low, high, images], training=True)
 
 
 def apply_weight_decay(network: keras.Model, weight_decay_rate: float) -> int:
@@ -131,6 +190,11 @@ class UdaModel(keras.Model):
             pairs = _float_weight_pairs(self._ema_network, network)
             logging.info("EMA over %d float weights of %s.", len(pairs), network.name)
             self.copy_weights_to_ema()
+        self._feature_perturbation = None
+        if uda.uda_fp_coeff > 0:
+            self._feature_perturbation = FeaturePerturbation(
+                network, rate=uda.uda_fp_dropout, seed=uda.seed
+            )
         self.iou_metric = ConfusionMatrixIoU(uda.num_classes, ignore_label=uda.ignore_label)
         self.built = True
 
@@ -187,7 +251,13 @@ class UdaModel(keras.Model):
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)
-            shares, coeffs, logs = self._loss_terms(data, logits, progress, target_logits)
+            fp_logits = None
+            if self._feature_perturbation is not None:
+                ori = tf.cast(data[common.ORI_IMAGE], tf.float32)
+                fp_logits = self._feature_perturbation(ori, step)
+            shares, coeffs, logs = self._loss_terms(
+                data, logits, progress, target_logits, fp_logits
+            )
             shares["weight_decay"] = self._weight_decay_share()
             coeffs["weight_decay"] = 1.0
             loss = tf.add_n([coeffs[k] * shares[k] for k in shares])
@@ -267,11 +337,12 @@ class UdaModel(keras.Model):
             target = tf.cast(data[common.ORI_IMAGE], tf.float32)
         return tf.concat([tf.cast(data[k], tf.float32) for k in keys], axis=0), target
 
-    def _loss_terms(self, data, logits, progress, target_logits=None):
+    def _loss_terms(self, data, logits, progress, target_logits=None, fp_logits=None):
         """(this replica's loss shares, their coefficients, other logs).
 
         `logits` are the training pass's; `target_logits` the originals' from
-        a separate pass (None: they are in `logits`, after the labeled ones).
+        a separate pass (None: they are in `logits`, after the labeled ones);
+        `fp_logits` the feature-perturbed pass on the originals, or None.
         """
         cfg = self.uda_config
         sup_size = tf.shape(data[common.IMAGE])[0]
@@ -310,6 +381,18 @@ class UdaModel(keras.Model):
         )
         shares["unsup/loss"], coeffs["unsup/loss"] = cons["loss"], float(cfg.unsup_coeff)
         logs["unsup/high_prob_ratio"] = cons["high_prob_ratio"]
+        if fp_logits is not None:
+            # The same target and mask, in the originals' own frame: unwarped, unmixed.
+            fp = losses.consistency_loss(
+                ori_logits=ori_logits,
+                aug_logits=fp_logits,
+                softmax_temp=cfg.uda_softmax_temp,
+                confidence_thresh=cfg.uda_confidence_thresh,
+                ori_valid=ori_valid,
+                uda_loss=cfg.uda_loss,
+                global_sum_fn=losses.replica_sum,
+            )
+            shares["unsup/fp_loss"], coeffs["unsup/fp_loss"] = fp["loss"], cfg.uda_fp_coeff
         if cfg.ent_min_coeff > 0:
             ent = losses.entropy_loss(
                 logits=ori_logits, valid=ori_valid, global_sum_fn=losses.replica_sum

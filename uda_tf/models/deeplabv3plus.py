@@ -142,3 +142,26 @@ def _aspp(x, filters, rates, dropout_rate, sync):
     x = keras.layers.Concatenate(name="aspp_concat")(branches)
     x = L.conv_bn_relu(x, filters, 1, "aspp_project", synchronized=sync)
     return keras.layers.Dropout(dropout_rate, name="aspp_dropout")(x)
+
+
+def feature_parts(network: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(features, head) of a DeepLabV3Plus, sharing its layers and weights.
+
+    features: image -> [low_level, high_level], the backbone's outputs;
+    head: [low_level, high_level, image] -> logits, the rest of the network
+    (ASPP, decoder, resize to the image). head(features(x) + [x]) is
+    network(x). For UniMatch's feature perturbation, which runs the head on
+    features that lost channels (uda_tf.uda_model).
+
+    Raises:
+      ValueError: if `network` is not a built DeepLabV3Plus.
+    """
+    if not isinstance(network, DeepLabV3Plus):
+        raise ValueError(
+            f"feature_parts needs a DeepLabV3Plus network, got {type(network).__name__} "
+            f"{network.name!r}."
+        )
+    low_level, high_level = network.get_layer("backbone")._inbound_nodes[0].output_tensors
+    features = keras.Model(network.input, [low_level, high_level], name="fp_features")
+    head = keras.Model([low_level, high_level, network.input], network.output, name="fp_head")
+    return features, head
