@@ -5,6 +5,9 @@ shared by the three groups, as the original; with uda_target "inference" or
 "ema" the originals go alone, without gradient, through the network or its
 EMA in inference mode, and the training pass is on concat[labeled, aug]), then L_sup (TSA) + unsup_coeff *
 L_cons + ent_min_coeff * L_ent + weight decay, SGD, and an EMA of the weights.
+With uda_fp_coeff > 0 (DeepLab only), one more training pass on the originals
+with the backbone's features channel-dropped (`FeaturePerturbation`, UniMatch's)
+adds uda_fp_coeff * L_cons(target, that pass), unwarped and unmixed.
 
 Distribution. Keras sums the replicas' gradients (TFOptimizer all-reduces with
 SUM) and Keras's own losses divide by the number of replicas. Here every
