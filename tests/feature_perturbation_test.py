@@ -4,7 +4,10 @@ import dataclasses
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
+
+import tests.uda_model_test as uda_model_test
 
 from uda_tf import common
 from uda_tf.config import Config, DataConfig, ModelConfig, UdaConfig
@@ -28,7 +31,7 @@ UDA_FP = UdaConfig(
 )
 
 
-def tiny_deeplab(seed=0):
+def tiny_deeplab(seed=0, synchronized_bn=False):
     """No ASPP dropout, so that two training passes agree."""
     keras.utils.set_random_seed(seed)
     return DeepLabV3Plus(
@@ -37,6 +40,7 @@ def tiny_deeplab(seed=0):
         backbone_width=0.35,
         decoder_filters=8,
         dropout_rate=0.0,
+        synchronized_bn=synchronized_bn,
     )
 
 
@@ -148,10 +152,13 @@ class FpTrainStepTest(tf.test.TestCase):
         gap = int(np.argmax(np.diff(middle)))
         thresh = float(middle[gap] + middle[gap + 1]) / 2
         model = self._model(dataclasses.replace(UDA_FP, uda_confidence_thresh=thresh))
-        # The perturbed pass of step 0 on the weights before the step (the BN
-        # moving statistics it updates play no part in training mode).
+        # The joint pass of step 0 on the weights before the step (the BN
+        # moving statistics it updates play no part in training mode): the
+        # training pass's images, concat[labeled, aug], then the originals.
         perturbation = FeaturePerturbation(self.network, rate=0.5, seed=3)
-        fp_logits = perturbation(ori, tf.constant(0, tf.int64)).numpy()
+        images = tf.cast(tf.concat([batch[common.IMAGE], batch[common.AUG_IMAGE]], 0), tf.float32)
+        _, fp_logits = perturbation(images, ori, tf.constant(0, tf.int64))
+        fp_logits = fp_logits.numpy()
         logs = model.train_step(batch)
         keep = valid & (prob.max(-1) > thresh)
         ce = -np.take_along_axis(_log_softmax(fp_logits), prob.argmax(-1)[..., None], -1)[..., 0]
@@ -166,19 +173,30 @@ class FpTrainStepTest(tf.test.TestCase):
 
     def test_total_loss_adds_the_weighted_fp_loss(self):
         logs = self._model(UDA_FP).train_step(make_batch())
+        # The weight decay is 0: sup + 0.5 * unsup + 0.5 * fp.
+        self.assertAllClose(
+            float(logs["total_loss"]),
+            float(logs["sup/loss"])
+            + 0.5 * float(logs["unsup/loss"])
+            + 0.5 * float(logs["unsup/fp_loss"]),
+            rtol=1e-5,
+        )
         off = dataclasses.replace(UDA_FP, uda_fp_coeff=0.0)
         self.setUp()
         logs_off = self._model(off).train_step(make_batch())
         self.assertNotIn("unsup/fp_loss", logs_off)
-        # Same weights and batch: only the fp term differs between the two totals
-        # (the weight decay is 0; the supervised and unsup terms are the same).
-        for key in ("sup/loss", "unsup/loss"):
-            self.assertAllClose(logs[key], logs_off[key], rtol=1e-5)
-        self.assertAllClose(
-            float(logs["total_loss"]) - float(logs_off["total_loss"]),
-            0.5 * float(logs["unsup/fp_loss"]),
-            rtol=1e-4,
-        )
+        # The originals join the training pass's BN batch only with the term on.
+        self.assertNotAllClose(logs["sup/loss"], logs_off["sup/loss"], rtol=1e-5)
+
+    def test_the_clean_part_is_the_training_pass_over_images_and_originals(self):
+        # With nothing dropped, the joint pass is network(concat[images, ori]).
+        perturbation = FeaturePerturbation(self.network, rate=0.0, seed=3)
+        batch = make_batch()
+        images = tf.cast(batch[common.IMAGE], tf.float32)
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        clean, fp = perturbation(images, ori, tf.constant(0, tf.int64))
+        whole = self.network(tf.concat([images, ori], 0), training=True)
+        self.assertAllClose(tf.concat([clean, fp], 0), whole, atol=1e-5)
 
     def test_a_compiled_fit_step_equals_the_eager_step(self):
         eager = self._model(UDA_FP).train_step(make_batch())
@@ -189,6 +207,43 @@ class FpTrainStepTest(tf.test.TestCase):
         )
         for key in ("unsup/fp_loss", "total_loss"):
             self.assertAllClose(history.history[key][0], float(eager[key]), rtol=1e-4, msg=key)
+
+
+class FpDistributedTest(tf.test.TestCase):
+    @pytest.mark.slow  # ~1 min on 2 cores; fp_seeds' replica property runs by default.
+    def test_mirrored_equals_one_device_with_synchronized_bn(self):
+        # Each replica drops the channels of its own examples' global seeds, and
+        # synchronized BN sees the global batch: two replicas train as one device.
+        batch = make_batch(n=4)
+
+        def run(strategy):
+            with strategy.scope():
+                network = tiny_deeplab(synchronized_bn=True)
+                # No confidence mask: the untrained teacher is near uniform.
+                uda = dataclasses.replace(UDA_FP, uda_confidence_thresh=-1.0)
+                model = UdaModel(network, uda=uda, moving_average_decay=0.5)
+                # SGD: Adam's first step is lr * sign(g), which turns the last-bit
+                # differences of gradients near 0 into whole steps.
+                model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+                model.optimizer.build(network.trainable_variables)
+            iterator = iter(
+                strategy.experimental_distribute_dataset(
+                    tf.data.Dataset.from_tensors(batch).repeat()
+                )
+            )
+            step = tf.function(model.distributed_train_step)
+            # One step: synchronized BN's reductions differ in the last bits, and
+            # later steps amplify that whatever the perturbation does.
+            logs = step(next(iterator))
+            return {k: float(v) for k, v in logs.items()}, [w.numpy() for w in network.weights]
+
+        single_logs, single_weights = run(tf.distribute.get_strategy())
+        logs, weights = run(uda_model_test.DistributedTest.mirrored())
+        self.assertGreater(single_logs["unsup/fp_loss"], 0.0)
+        for key, value in single_logs.items():
+            self.assertAllClose(logs[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        for a, b in zip(single_weights, weights):
+            self.assertAllClose(a, b, atol=1e-5)
 
 
 class FpConfigTest(tf.test.TestCase):

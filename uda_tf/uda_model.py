@@ -5,9 +5,10 @@ shared by the three groups, as the original; with uda_target "inference" or
 "ema" the originals go alone, without gradient, through the network or its
 EMA in inference mode, and the training pass is on concat[labeled, aug]), then L_sup (TSA) + unsup_coeff *
 L_cons + ent_min_coeff * L_ent + weight decay, SGD, and an EMA of the weights.
-With uda_fp_coeff > 0 (DeepLab only), one more training pass on the originals
-with the backbone's features channel-dropped (`FeaturePerturbation`, UniMatch's)
-adds uda_fp_coeff * L_cons(target, that pass), unwarped and unmixed.
+With uda_fp_coeff > 0 (DeepLab only), the originals join the training pass,
+their backbone features channel-dropped before the head (`FeaturePerturbation`,
+UniMatch's), and uda_fp_coeff * L_cons(target, their logits) is added,
+unwarped and unmixed.
 
 Distribution. Keras sums the replicas' gradients (TFOptimizer all-reduces with
 SUM) and Keras's own losses divide by the number of replicas. Here every
@@ -78,8 +79,9 @@ class FeaturePerturbation:
 
     UniMatch (model/semseg/deeplabv3plus.py, need_fp) decodes Dropout2d(0.5)
     of the backbone's low- and high-level features; here the same on the
-    originals: features(x), channel_dropout of each, head(...), all in
-    training mode. A plain object, so that Keras does not track the two
+    originals, inside the training pass: features(concat[images, ori]),
+    channel_dropout of the originals' part, head(...), all in training
+    mode. A plain object, so that Keras does not track the two
     sub-models (which share the network's layers) as more weights.
 
     The seed of example i of the global batch at step s is [2 * seed + j,
@@ -92,16 +94,33 @@ class FeaturePerturbation:
         self.rate = float(rate)
         self.seed = int(seed)
 
-    def __call__(self, images: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-        """Logits [N, H, W, K] of the perturbed pass on images [N, H, W, 3]."""
-        low, high = self.features(images, training=True)
-        num = tf.shape(images)[0]
+    def __call__(
+        self, images: tf.Tensor, originals: tf.Tensor, step: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(logits of images, logits of the perturbed originals), one pass.
+
+        The backbone runs on concat[images, originals] and the head on the
+        images' features and the originals' dropped ones, so that BN sees
+        one batch of each layer per step (UniMatch decodes concat[clean,
+        dropped] the same way), and each layer's gradient is one chain: two
+        training passes through synchronized BN in one step pair the
+        replicas' backward all-reduces in no fixed order.
+        """
+        num_images = tf.shape(images)[0]
+        num = tf.shape(originals)[0]
+        both = tf.concat([images, originals], 0)
+        low, high = self.features(both, training=True)
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
         first = tf.cast(replica, tf.int64) * tf.cast(num, tf.int64)
-        low = channel_dropout(low, self.rate, fp_seeds(self.seed, 0, step, first, num))
-        high = channel_dropout(high, self.rate, fp_seeds(self.seed, 1, step, first, num))
-        return self.head([low, high, images], training=True)
+        parts = []
+        for part, feature in enumerate((low, high)):
+            dropped = channel_dropout(
+                feature[num_images:], self.rate, fp_seeds(self.seed, part, step, first, num)
+            )
+            parts.append(tf.concat([feature[:num_images], dropped], 0))
+        logits = self.head(parts + [both], training=True)
+        return logits[:num_images], logits[num_images:]
 
 
 def apply_weight_decay(network: keras.Model, weight_decay_rate: float) -> int:
@@ -253,11 +272,12 @@ class UdaModel(keras.Model):
             )
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.network(images, training=True)
             fp_logits = None
-            if self._feature_perturbation is not None:
-                ori = tf.cast(data[common.ORI_IMAGE], tf.float32)
-                fp_logits = self._feature_perturbation(ori, step)
+            if self._feature_perturbation is None:
+                logits = self.network(images, training=True)
+            else:
+                ori = tf.cast(data[common.ORI_IMAGE], images.dtype)
+                logits, fp_logits = self._feature_perturbation(images, ori, step)
             shares, coeffs, logs = self._loss_terms(
                 data, logits, progress, target_logits, fp_logits
             )
