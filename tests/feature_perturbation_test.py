@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tests.uda_model_test as uda_model_test
-
+from tests import uda_model_test
 from uda_tf import common
 from uda_tf.config import Config, DataConfig, ModelConfig, UdaConfig
 from uda_tf.models.deeplabv3plus import DeepLabV3Plus, feature_parts
@@ -157,7 +156,13 @@ class FpTrainStepTest(tf.test.TestCase):
         # training pass's images, concat[labeled, aug], then the originals.
         perturbation = FeaturePerturbation(self.network, rate=0.5, seed=3)
         images = tf.cast(tf.concat([batch[common.IMAGE], batch[common.AUG_IMAGE]], 0), tf.float32)
-        _, fp_logits = perturbation(images, ori, tf.constant(0, tf.int64))
+        _, fp_logits = perturbation(
+            tf.concat([images, ori], 0),
+            images.shape[0],
+            2,
+            tf.constant(0, tf.int64),
+            keep_originals=False,
+        )
         fp_logits = fp_logits.numpy()
         logs = model.train_step(batch)
         keep = valid & (prob.max(-1) > thresh)
@@ -194,8 +199,9 @@ class FpTrainStepTest(tf.test.TestCase):
         batch = make_batch()
         images = tf.cast(batch[common.IMAGE], tf.float32)
         ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
-        clean, fp = perturbation(images, ori, tf.constant(0, tf.int64))
-        whole = self.network(tf.concat([images, ori], 0), training=True)
+        both = tf.concat([images, ori], 0)
+        clean, fp = perturbation(both, 2, 2, tf.constant(0, tf.int64), keep_originals=False)
+        whole = self.network(both, training=True)
         self.assertAllClose(tf.concat([clean, fp], 0), whole, atol=1e-5)
 
     def test_a_compiled_fit_step_equals_the_eager_step(self):

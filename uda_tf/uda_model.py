@@ -95,32 +95,43 @@ class FeaturePerturbation:
         self.seed = int(seed)
 
     def __call__(
-        self, images: tf.Tensor, originals: tf.Tensor, step: tf.Tensor
+        self,
+        images: tf.Tensor,
+        originals_at,
+        num_originals,
+        step: tf.Tensor,
+        *,
+        keep_originals: bool,
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """(logits of images, logits of the perturbed originals), one pass.
+        """(logits of the clean rows, logits of the perturbed originals), one pass.
 
-        The backbone runs on concat[images, originals] and the head on the
-        images' features and the originals' dropped ones, so that BN sees
-        one batch of each layer per step (UniMatch decodes concat[clean,
-        dropped] the same way), and each layer's gradient is one chain: two
-        training passes through synchronized BN in one step pair the
-        replicas' backward all-reduces in no fixed order.
+        `images` is the training batch with the originals at rows
+        [originals_at, originals_at + num_originals). The backbone runs on it
+        once and the head on its features and the originals' dropped ones, so
+        that BN sees one batch of each layer per step (UniMatch decodes
+        concat[clean, dropped] the same way), and each layer's gradient is
+        one chain: two training passes through synchronized BN in one step
+        pair the replicas' backward all-reduces in no fixed order. With
+        keep_originals False the originals must be the last rows and only
+        the rows before them are decoded clean (their target comes from
+        elsewhere).
         """
-        num_images = tf.shape(images)[0]
-        num = tf.shape(originals)[0]
-        both = tf.concat([images, originals], 0)
-        low, high = self.features(both, training=True)
+        end = originals_at + num_originals
+        low, high = self.features(images, training=True)
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-        first = tf.cast(replica, tf.int64) * tf.cast(num, tf.int64)
+        first = tf.cast(replica, tf.int64) * tf.cast(num_originals, tf.int64)
+        clean_rows = slice(None) if keep_originals else slice(None, originals_at)
         parts = []
         for part, feature in enumerate((low, high)):
-            dropped = channel_dropout(
-                feature[num_images:], self.rate, fp_seeds(self.seed, part, step, first, num)
-            )
-            parts.append(tf.concat([feature[:num_images], dropped], 0))
-        logits = self.head(parts + [both], training=True)
-        return logits[:num_images], logits[num_images:]
+            seeds = fp_seeds(self.seed, part, step, first, num_originals)
+            dropped = channel_dropout(feature[originals_at:end], self.rate, seeds)
+            parts.append(tf.concat([feature[clean_rows], dropped], 0))
+        clean_images = images[clean_rows]
+        shapes = tf.concat([clean_images, images[originals_at:end]], 0)
+        logits = self.head(parts + [shapes], training=True)
+        num_clean = tf.shape(clean_images)[0]
+        return logits[:num_clean], logits[num_clean:]
 
 
 def apply_weight_decay(network: keras.Model, weight_decay_rate: float) -> int:
@@ -275,9 +286,23 @@ class UdaModel(keras.Model):
             fp_logits = None
             if self._feature_perturbation is None:
                 logits = self.network(images, training=True)
+            elif target_images is None:
+                # "shared": the originals follow the labeled images in the pass.
+                logits, fp_logits = self._feature_perturbation(
+                    images,
+                    tf.shape(data[common.IMAGE])[0],
+                    tf.shape(data[common.ORI_IMAGE])[0],
+                    step,
+                    keep_originals=True,
+                )
             else:
-                ori = tf.cast(data[common.ORI_IMAGE], images.dtype)
-                logits, fp_logits = self._feature_perturbation(images, ori, step)
+                logits, fp_logits = self._feature_perturbation(
+                    tf.concat([images, target_images], 0),
+                    tf.shape(images)[0],
+                    tf.shape(target_images)[0],
+                    step,
+                    keep_originals=False,
+                )
             shares, coeffs, logs = self._loss_terms(
                 data, logits, progress, target_logits, fp_logits
             )
