@@ -1,6 +1,7 @@
 """Tests of the label-efficiency experiment's planning, resuming and reports."""
 
 import csv
+import functools
 import os
 import tempfile
 
@@ -84,6 +85,24 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIn("--seed=1", sup)
         self.assertIn("--sup_size=46", uda)
         self.assertEqual(uda[-1], "--train_steps=7")  # extra flags come last and win.
+
+    def test_first_seed_plans_the_same_runs_as_the_whole_range(self):
+        plan = functools.partial(
+            le.plan_runs,
+            output_dir="out",
+            fraction_list=["1/8"],
+            methods=("supervised", "uda"),
+            num_train=367,
+        )
+        tail = plan(num_seeds=2, first_seed=3)
+        self.assertEqual(
+            [(r.seed, r.method) for r in tail],
+            [(3, "supervised"), (3, "uda"), (4, "supervised"), (4, "uda")],
+        )
+        self.assertEqual(tail, plan(num_seeds=5)[6:])  # same folders and subsets as seeds 3, 4.
+        args = le.run_flags(tail[0], task_name="camvid", data_dir="d", preset="cpu", extra=[])
+        self.assertIn("--seed=3", args)
+        self.assertIn("--model_dir=out/frac1of8_supervised_seed3", args)
 
 
 class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):

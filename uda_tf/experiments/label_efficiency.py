@@ -215,12 +215,17 @@ def check_common_flags(cfg) -> int:
     return num_train
 
 
-def plan_runs(*, output_dir, fraction_list, num_seeds, methods, num_train) -> list[Run]:
-    """Every (fraction, seed, method) of the experiment, in the order they run."""
+def plan_runs(
+    *, output_dir, fraction_list, num_seeds, methods, num_train, first_seed=0
+) -> list[Run]:
+    """Every (fraction, seed, method) of the experiment, in the order they run.
+
+    The seeds are first_seed .. first_seed + num_seeds - 1.
+    """
     runs = []
     for fraction in fraction_list:
         sup_size = sup_size_for(fraction, num_train)
-        for seed in range(num_seeds):
+        for seed in range(first_seed, first_seed + num_seeds):
             for method in methods:
                 model_dir = os.path.join(output_dir, run_name(fraction, method, seed))
                 runs.append(Run(fraction, sup_size, method, seed, model_dir))
@@ -344,6 +349,12 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "The dataset root.")
     flags.DEFINE_string("fractions", "1/16,1/8,1/4,1", "Labeled fractions, comma separated.")
     flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0..seeds-1).")
+    flags.DEFINE_integer(
+        "first_seed",
+        0,
+        "The first seed: --first_seed=3 --seeds=3 runs seeds 3, 4 and 5, e.g. to add them to a "
+        "record that holds seeds 0-2 of the same machine.",
+    )
     flags.DEFINE_list("methods", ["supervised", "uda"], f"Some of {list(METHODS)}.")
     flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model, crop and schedule preset.")
     flags.DEFINE_string("output_dir", "runs/label_efficiency", "Where runs and reports go.")
@@ -383,6 +394,8 @@ def main(argv: list[str]) -> None:
         print(record_lib.report_record(cfg.record, title))
         return
     num_train = check_common_flags(cfg)
+    if cfg.first_seed < 0:
+        raise app.UsageError(f"--first_seed={cfg.first_seed}: expected >= 0.")
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
@@ -397,6 +410,7 @@ def main(argv: list[str]) -> None:
         num_seeds=cfg.seeds,
         methods=cfg.methods,
         num_train=num_train,
+        first_seed=cfg.first_seed,
     )
     extra = argv[1:]
     rows = []
