@@ -204,6 +204,8 @@ class FpTrainStepTest(tf.test.TestCase):
         whole = self.network(both, training=True)
         self.assertAllClose(tf.concat([clean, fp], 0), whole, atol=1e-5)
 
+    # ~30 s on 2 AVX2 cores (tracing the DeepLab FP step); the eager step's goldens run by default.
+    @pytest.mark.slow
     def test_a_compiled_fit_step_equals_the_eager_step(self):
         eager = self._model(UDA_FP).train_step(make_batch())
         self.setUp()
