@@ -348,12 +348,15 @@ def define_flags() -> None:
     flags.DEFINE_string("task_name", "camvid", "Dataset: camvid, cityscapes or custom.")
     flags.DEFINE_string("data_dir", None, "The dataset root.")
     flags.DEFINE_string("fractions", "1/16,1/8,1/4,1", "Labeled fractions, comma separated.")
-    flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0..seeds-1).")
+    flags.DEFINE_integer(
+        "seeds", 3, "Seeds per configuration (first_seed .. first_seed + seeds - 1)."
+    )
     flags.DEFINE_integer(
         "first_seed",
         0,
         "The first seed: --first_seed=3 --seeds=3 runs seeds 3, 4 and 5, e.g. to add them to a "
         "record that holds seeds 0-2 of the same machine.",
+        lower_bound=0,
     )
     flags.DEFINE_list("methods", ["supervised", "uda"], f"Some of {list(METHODS)}.")
     flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model, crop and schedule preset.")
@@ -394,8 +397,6 @@ def main(argv: list[str]) -> None:
         print(record_lib.report_record(cfg.record, title))
         return
     num_train = check_common_flags(cfg)
-    if cfg.first_seed < 0:
-        raise app.UsageError(f"--first_seed={cfg.first_seed}: expected >= 0.")
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
