@@ -436,6 +436,7 @@ def color_view(
     seed: tf.Tensor,
     cutout: bool = True,
     hue: float = HUE,
+    sigma_range: Sequence[float] = SIGMA_RANGE,
     fill: Sequence[int] | None = None,
     cutout_ignore: bool = False,
     mask_fill: int = common.IGNORE_LABEL,
@@ -454,6 +455,7 @@ def color_view(
       seed: int32/int64 [2], the example's seed (`augment.seeds.example_seed`).
       cutout: whether the always-on Cutout follows.
       hue: the hue shift's range, [-hue, hue] (`sample_color_params`).
+      sigma_range: (low, high) of the blur's sigma in pixels (`sample_color_params`).
       fill: Cutout colour; default `common.MEAN_RGB_UINT8`.
       cutout_ignore: mark the mask under the Cutout square as `mask_fill`.
       mask_fill: the ignore label.
@@ -465,7 +467,9 @@ def color_view(
     image = _as_rgb(image, "color_view")
     mask = ops_lib.as_mask(mask)
     color_seed, cutout_seed = seeds_lib.split_seed(seed, 2)
-    image = apply_color(image, sample_color_params(seed=color_seed, hue=hue))
+    image = apply_color(
+        image, sample_color_params(seed=color_seed, hue=hue, sigma_range=sigma_range)
+    )
     if not cutout:
         return image, mask, joint.identity_transform()
     cutout_params = randaugment.sample_policy(

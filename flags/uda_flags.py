@@ -305,6 +305,13 @@ def _define_data(fv: flags.FlagValues) -> None:
         "circle (UniMatch: 0.25; 0 = no hue jitter).",
         flag_values=fv,
     )
+    flags.DEFINE_float(
+        "aug_color_max_sigma",
+        config_lib.COLOR_MAX_SIGMA,
+        f"--aug_policy=color: the blur's sigma is uniform in [{config_lib.COLOR_MIN_SIGMA}, this] "
+        "pixels (UniMatch: 2.0, on crops of 321 to 801 pixels).",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "sup_randaugment",
         False,

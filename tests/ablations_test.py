@@ -59,7 +59,11 @@ class PlanTest(tf.test.TestCase):
             self.assertEqual((variant.method, variant.reference), ("uda_strong", "uda_strong"))
             keys = {f[2:].split("=")[0] for f in variant.flags}
             # Flags of the unlabeled loss and of the aug view only: supervised is untouched.
-            unlabeled = set(le.STRONG_FLAGS) | {"uda_softmax_temp", "aug_color_hue"}
+            unlabeled = set(le.STRONG_FLAGS) | {
+                "uda_softmax_temp",
+                "aug_color_hue",
+                "aug_color_max_sigma",
+            }
             self.assertTrue(keys <= unlabeled, name)
 
     def test_a_tuning_row_is_named_by_its_variant(self):

@@ -267,6 +267,7 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         (("--aug_policy=color", "--aug_ops=photometric"), "aug_ops", "aug_policy"),
         (("--aug_policy=color", "--aug_num_layers=3"), "aug_num_layers", "aug_policy"),
         (("--aug_color_hue=0.1",), "aug_color_hue", "aug_policy"),
+        (("--aug_color_max_sigma=1",), "aug_color_max_sigma", "aug_policy"),
     )
     def test_invalid_combinations_name_both_flags(self, argv, flag, other):
         with self.assertRaisesRegex(ValueError, f"^[^\\n]*--{flag}=[^\\n]*--{other}=[^\\n]*$"):
@@ -286,6 +287,14 @@ class ConfigFromFlagsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(_config("--aug_policy=color", "--aug_color_hue=0").data.aug_color_hue, 0)
         with self.assertRaisesRegex(ValueError, r"--aug_color_hue=0\.6 .*in \[0, 0\.5\]"):
             _config("--aug_policy=color", "--aug_color_hue=0.6")
+
+    def test_colour_max_sigma_reaches_the_config_and_is_range_checked(self):
+        self.assertEqual(_config().data.aug_color_max_sigma, color.SIGMA_RANGE[1])
+        self.assertEqual(config_lib.COLOR_MIN_SIGMA, color.SIGMA_RANGE[0])
+        cfg = _config("--aug_policy=color", "--aug_color_max_sigma=0.5")
+        self.assertEqual(cfg.data.aug_color_max_sigma, 0.5)
+        with self.assertRaisesRegex(ValueError, r"--aug_color_max_sigma=0\.05 .*>= 0\.1"):
+            _config("--aug_policy=color", "--aug_color_max_sigma=0.05")
 
     def test_docs_name_every_flag(self):
         docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "flags.md")

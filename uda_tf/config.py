@@ -45,6 +45,11 @@ UNSUP_MIXES = ("none", "cutmix")
 AUG_POLICIES = ("randaugment", "color")
 # The colour view's hue jitter, UniMatch's ColorJitter(hue=0.25) (augment.color.HUE).
 COLOR_HUE = 0.25
+# The colour view's blur sigma range in pixels, UniMatch's (0.1, 2.0)
+# (augment.color.SIGMA_RANGE), set for crops of 321 to 801 pixels; the top is
+# a flag, so that smaller frames can blur as much relative to their size.
+COLOR_MIN_SIGMA = 0.1
+COLOR_MAX_SIGMA = 2.0
 
 
 def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
@@ -101,6 +106,8 @@ class DataConfig:
     aug_cutout: bool = True
     # The colour view's hue shift is uniform in [-aug_color_hue, aug_color_hue].
     aug_color_hue: float = COLOR_HUE
+    # The colour view's blur sigma is uniform in [0.1, aug_color_max_sigma] pixels.
+    aug_color_max_sigma: float = COLOR_MAX_SIGMA
     # Also RandAugment the labeled crops (jointly with their masks).
     sup_randaugment: bool = False
 
@@ -158,6 +165,18 @@ class DataConfig:
             "aug_color_hue",
             self.aug_color_hue,
             f"its default {COLOR_HUE} with --aug_policy={self.aug_policy} (a colour-view knob)",
+        )
+        _check(
+            self.aug_color_max_sigma >= COLOR_MIN_SIGMA,
+            "aug_color_max_sigma",
+            self.aug_color_max_sigma,
+            f">= {COLOR_MIN_SIGMA} (the blur's smallest sigma)",
+        )
+        _check(
+            self.aug_policy == "color" or self.aug_color_max_sigma == COLOR_MAX_SIGMA,
+            "aug_color_max_sigma",
+            self.aug_color_max_sigma,
+            f"its default {COLOR_MAX_SIGMA} with --aug_policy={self.aug_policy} (a colour-view knob)",
         )
 
 
@@ -275,9 +294,7 @@ class UdaConfig:
                 "target is the argmax, which a temperature does not change; use -1."
             )
         _check(self.uda_fp_coeff >= 0, "uda_fp_coeff", self.uda_fp_coeff, ">= 0")
-        _check(
-            0 < self.uda_fp_dropout < 1, "uda_fp_dropout", self.uda_fp_dropout, "in (0, 1)"
-        )
+        _check(0 < self.uda_fp_dropout < 1, "uda_fp_dropout", self.uda_fp_dropout, "in (0, 1)")
         if self.uda_fp_coeff > 0 and self.unsup_ratio == 0:
             raise ValueError(
                 f"--uda_fp_coeff={self.uda_fp_coeff} needs unlabeled data: --unsup_ratio > 0."

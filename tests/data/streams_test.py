@@ -338,6 +338,28 @@ class StrongViewTest(tf.test.TestCase):
         # Seed 0's views: the jitter fires on one of the two, so its hue shift shows.
         self.assertNotAllEqual(batch[common.AUG_IMAGE], default[common.AUG_IMAGE])
 
+    def test_color_max_sigma_flag_sets_the_views_blur_range(self):
+        def views(max_sigma):
+            cfg = _cfg(unsup_ratio=1, aug_policy="color", aug_color_max_sigma=max_sigma)
+            return cfg, _batches(streams.train_dataset(cfg), 1)[0]
+
+        cfg, batch = views(0.1)
+        _, default = views(color.SIGMA_RANGE[1])
+        self.assertAllEqual(batch[common.ORI_IMAGE], default[common.ORI_IMAGE])
+        blurred = []
+        for i in range(2):
+            seed = seeds.example_seed(cfg.seed, common.UNSUP_STREAM, tf.constant(i, tf.int64))
+            _, aug_seed = seeds.split_seed(seed, 2)
+            expected, _, _ = color.color_view(
+                batch[common.ORI_IMAGE][i], seed=aug_seed, sigma_range=(0.1, 0.1)
+            )
+            self.assertAllEqual(batch[common.AUG_IMAGE][i], expected)
+            color_seed, _ = seeds.split_seed(aug_seed, 2)
+            blurred.append(bool(color.sample_color_params(seed=color_seed)["blur"]))
+        # The blur fires on at least one of seed 0's two views, so its sigma shows there.
+        self.assertIn(True, blurred)
+        self.assertNotAllEqual(batch[common.AUG_IMAGE], default[common.AUG_IMAGE])
+
     def test_cutmix_mixes_each_batch_with_its_step_seed(self):
         real = streams.randaugment_distort
         streams.randaugment_distort = _fake_distort

@@ -194,7 +194,12 @@ def strong_view(
     """
     if cfg.aug_policy == "color":
         return color.color_view(
-            image, None, seed=seed, cutout=cfg.aug_cutout, hue=cfg.aug_color_hue
+            image,
+            None,
+            seed=seed,
+            cutout=cfg.aug_cutout,
+            hue=cfg.aug_color_hue,
+            sigma_range=(config_lib.COLOR_MIN_SIGMA, cfg.aug_color_max_sigma),
         )
     return randaugment_distort(image, None, seed=seed, cfg=cfg)
 

@@ -108,6 +108,13 @@ VARIANTS = {
         "no hue jitter in the colour view (sky and tree lose most under UniMatch's 0.25)",
         "uda_strong",
     ),
+    "strong_sigma0.5": Variant(
+        "uda_strong",
+        ("--aug_color_max_sigma=0.5",),
+        "blur sigma in [0.1, 0.5] instead of [0.1, 2.0]: UniMatch's range relative to a"
+        " 500-pixel VOC frame, scaled to our 120-pixel one",
+        "uda_strong",
+    ),
     "strong_no_cutmix": Variant(
         "uda_strong", ("--unsup_mix=none",), "no CutMix between the unlabeled images", "uda_strong"
     ),
