@@ -108,6 +108,14 @@ def _define_original(fv: flags.FlagValues) -> None:
         "alone on the originals in inference mode. ema: the EMA network so (a mean teacher).",
         flag_values=fv,
     )
+    flags.DEFINE_bool(
+        "uda_target_flip",
+        False,
+        "With --uda_target=inference or ema: the target is the mean of the teacher's "
+        "probabilities on the originals and on their mirror images, flipped back "
+        "(a test-time-augmented pseudo-label, as Naive-Student's).",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
         "uda_loss",
         "kl",

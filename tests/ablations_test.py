@@ -63,6 +63,7 @@ class PlanTest(tf.test.TestCase):
                 "uda_softmax_temp",
                 "aug_color_hue",
                 "aug_color_max_sigma",
+                "uda_target_flip",
             }
             self.assertTrue(keys <= unlabeled, name)
 

@@ -20,6 +20,7 @@ from uda_tf.uda_model import (
     TerminateOnNonFiniteLoss,
     UdaModel,
     apply_weight_decay,
+    flip_averaged_logits,
 )
 
 NUM_CLASSES = 3
@@ -457,6 +458,41 @@ class UdaTargetTest(tf.test.TestCase):
         self.assertNotAllClose(expected, from_network, atol=1e-4)
         logs = model.train_step(batch)
         self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+
+    def test_flip_target_is_the_mean_of_the_mirrored_probabilities(self):
+        batch = make_batch()
+        uda = dataclasses.replace(UDA_NO_ENT, uda_target="ema", uda_target_flip=True)
+        model = make_model(uda, decay=0.5)
+        model.train_step(batch)
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        aug_logits = model.network(self._train_images(batch), training=True)[4:]
+        teacher = model.ema_network
+        probs = tf.nn.softmax(teacher(ori, training=False))
+        mirrored = tf.reverse(tf.nn.softmax(teacher(tf.reverse(ori, [2]), training=False)), [2])
+        expected = self._cons(batch, tf.math.log((probs + mirrored) / 2.0), aug_logits)
+        unflipped = self._cons(batch, teacher(ori, training=False), aug_logits)
+        self.assertNotAllClose(expected, unflipped, atol=1e-4)  # the 3x3 net is not symmetric
+        logs = model.train_step(batch)
+        self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+
+    def test_flip_averaged_logits_of_a_mirror_equivariant_network(self):
+        # A 1x1 convolution commutes with the flip: the mean of a prediction and
+        # its mirrored twin is the prediction, and the result its log-softmax.
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((None, None, 3))
+        network = keras.Model(inputs, keras.layers.Conv2D(NUM_CLASSES, 1)(inputs))
+        images = tf.random.stateless_uniform([2, 5, 7, 3], [1, 2])
+        self.assertAllClose(
+            flip_averaged_logits(network, images),
+            tf.nn.log_softmax(network(images)),
+            atol=1e-6,
+        )
+
+    def test_flip_target_needs_a_separate_target_pass(self):
+        with self.assertRaisesRegex(ValueError, r"--uda_target_flip=True.*--uda_target=shared"):
+            dataclasses.replace(UDA_NO_ENT, uda_target_flip=True).validate()
+        with self.assertRaisesRegex(ValueError, r"--uda_target_flip=True.*--unsup_ratio=0"):
+            dataclasses.replace(UDA_OFF, uda_target="ema", uda_target_flip=True).validate()
 
     def test_invalid_target_and_entropy_with_a_separate_target_raise(self):
         with self.assertRaisesRegex(ValueError, r"--uda_target='teacher'"):

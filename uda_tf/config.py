@@ -236,6 +236,10 @@ class UdaConfig:
     # originals go through the network alone in inference mode (BN moving
     # statistics). "ema": the same through the EMA network (a mean teacher).
     uda_target: str = "shared"
+    # With "inference" or "ema": the target is the mean of the teacher's
+    # probabilities on the originals and on their mirror images (flipped back),
+    # a test-time-augmented pseudo-label as Naive-Student's.
+    uda_target_flip: bool = False
     # "kl": KL to the soft target (the original). "ce": cross-entropy to the
     # argmax of the unsharpened target (FixMatch / UniMatch), same mask M.
     uda_loss: str = "kl"
@@ -277,6 +281,16 @@ class UdaConfig:
                 f"--ent_min_coeff={self.ent_min_coeff} needs --uda_target=shared: the entropy "
                 f"term trains through the originals' pass, which --uda_target="
                 f"{self.uda_target} runs without gradient."
+            )
+        if self.uda_target_flip and self.uda_target == "shared":
+            raise ValueError(
+                "--uda_target_flip=True needs --uda_target=inference or ema, not "
+                "--uda_target=shared: the mirrored originals need a teacher pass of their own."
+            )
+        if self.uda_target_flip and self.unsup_ratio == 0:
+            raise ValueError(
+                "--uda_target_flip=True needs unlabeled data: --unsup_ratio > 0, not "
+                f"--unsup_ratio={self.unsup_ratio}."
             )
         _check(self.uda_loss in UDA_LOSSES, "uda_loss", self.uda_loss, str(UDA_LOSSES))
         _check(self.unsup_mix in UNSUP_MIXES, "unsup_mix", self.unsup_mix, str(UNSUP_MIXES))

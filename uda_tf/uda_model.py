@@ -278,9 +278,11 @@ class UdaModel(keras.Model):
         target_logits = None
         if target_images is not None:
             teacher = self.ema_network if self.uda_config.uda_target == "ema" else self.network
-            target_logits = tf.stop_gradient(
-                tf.cast(teacher(target_images, training=False), tf.float32)
-            )
+            if self.uda_config.uda_target_flip:
+                target_logits = flip_averaged_logits(teacher, target_images)
+            else:
+                target_logits = tf.cast(teacher(target_images, training=False), tf.float32)
+            target_logits = tf.stop_gradient(target_logits)
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             fp_logits = None
@@ -470,6 +472,17 @@ class UdaModel(keras.Model):
         decay = self.moving_average_decay
         for shadow, variable in _float_weight_pairs(self._ema_network, self.network):
             shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(variable, shadow.dtype)))
+
+
+def flip_averaged_logits(network: keras.Model, images: tf.Tensor) -> tf.Tensor:
+    """float32 [N, H, W, C]: log of the mean of the inference-mode probabilities on
+    `images` and on their mirror images (flipped back), so that a softmax of the
+    result (at any temperature) is a test-time-augmented target.
+    """
+    logits = tf.cast(network(images, training=False), tf.float32)
+    mirrored = tf.cast(network(tf.reverse(images, [2]), training=False), tf.float32)
+    log_probs = tf.stack([tf.nn.log_softmax(logits), tf.nn.log_softmax(tf.reverse(mirrored, [2]))])
+    return tf.reduce_logsumexp(log_probs, axis=0) - tf.math.log(2.0)
 
 
 def _float_weight_pairs(ema_network: keras.Model, network: keras.Model) -> list:

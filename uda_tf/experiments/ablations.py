@@ -115,6 +115,12 @@ VARIANTS = {
         " 500-pixel VOC frame, scaled to our 120-pixel one",
         "uda_strong",
     ),
+    "strong_flip": Variant(
+        "uda_strong",
+        ("--uda_target_flip=true",),
+        "the teacher's target averaged with its prediction on the mirrored originals",
+        "uda_strong",
+    ),
     "strong_no_cutmix": Variant(
         "uda_strong", ("--unsup_mix=none",), "no CutMix between the unlabeled images", "uda_strong"
     ),
