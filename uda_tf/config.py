@@ -287,17 +287,13 @@ class UdaConfig:
                 "--uda_target_flip=True needs --uda_target=inference or ema, not "
                 "--uda_target=shared: the mirrored originals need a teacher pass of their own."
             )
-        if self.uda_target_flip and self.unsup_ratio == 0:
-            raise ValueError(
-                "--uda_target_flip=True needs unlabeled data: --unsup_ratio > 0, not "
-                f"--unsup_ratio={self.unsup_ratio}."
-            )
         _check(self.uda_loss in UDA_LOSSES, "uda_loss", self.uda_loss, str(UDA_LOSSES))
         _check(self.unsup_mix in UNSUP_MIXES, "unsup_mix", self.unsup_mix, str(UNSUP_MIXES))
         if self.unsup_ratio == 0:
             for flag, value, off in (
                 ("uda_loss", self.uda_loss, "kl"),
                 ("unsup_mix", self.unsup_mix, "none"),
+                ("uda_target_flip", self.uda_target_flip, False),
             ):
                 _check(
                     value == off, flag, value, f"{off!r} with --unsup_ratio=0 (no unlabeled data)"

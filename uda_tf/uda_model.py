@@ -479,8 +479,10 @@ def flip_averaged_logits(network: keras.Model, images: tf.Tensor) -> tf.Tensor:
     `images` and on their mirror images (flipped back), so that a softmax of the
     result (at any temperature) is a test-time-augmented target.
     """
-    logits = tf.cast(network(images, training=False), tf.float32)
-    mirrored = tf.cast(network(tf.reverse(images, [2]), training=False), tf.float32)
+    # One inference pass over both: BN uses its moving statistics, so batching
+    # them together changes nothing but the number of calls.
+    both = tf.concat([images, tf.reverse(images, [2])], 0)
+    logits, mirrored = tf.split(tf.cast(network(both, training=False), tf.float32), 2)
     log_probs = tf.stack([tf.nn.log_softmax(logits), tf.nn.log_softmax(tf.reverse(mirrored, [2]))])
     return tf.reduce_logsumexp(log_probs, axis=0) - tf.math.log(2.0)
 
