@@ -154,10 +154,10 @@ def feature_parts(network: keras.Model) -> tuple[keras.Model, keras.Model]:
     features that lost channels (uda_tf.uda_model).
 
     Raises:
-      ValueError: if `network` is not a built DeepLabV3Plus.
+      TypeError: if `network` is not a built DeepLabV3Plus.
     """
     if not isinstance(network, DeepLabV3Plus):
-        raise ValueError(
+        raise TypeError(
             f"feature_parts needs a DeepLabV3Plus network, got {type(network).__name__} "
             f"{network.name!r}."
         )
