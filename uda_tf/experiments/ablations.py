@@ -157,6 +157,15 @@ VARIANTS = {
         "uda_strong, 4x steps, unsup_coeff 0.5",
         "supervised_4800",
     ),
+    "supervised_9600": Variant(
+        "supervised", ("--train_steps=9600", "--save_steps=1200"), "supervised, 8x steps", ""
+    ),
+    "uda_strong_9600_coeff0.5": Variant(
+        "uda_strong",
+        ("--train_steps=9600", "--save_steps=1200", "--unsup_coeff=0.5"),
+        "uda_strong, 8x steps, unsup_coeff 0.5",
+        "supervised_9600",
+    ),
 }
 CSV_FIELDS = ("variant",) + le.CSV_FIELDS
 
