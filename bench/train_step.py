@@ -12,7 +12,7 @@ ms/step is the median of --repeats timings of --steps steps each, after
 warmup, the two steps' timings alternating. Prints the figures and the
 uda/supervised ratios (target <= 1.10).
 
-With --uda_target=inference or ema the originals take a forward pass
+With --uda_target=inference, ema or teacher the originals take a forward pass
 without gradient, outside the training pass (and no entropy term).
 --uda_loss=ce uses hard targets (no sharpening); --unsup_mix=cutmix adds a
 CutMix box (a quarter of the crop) and a rolled partner to every unlabeled
@@ -214,6 +214,8 @@ def _model(setting: Setting, unsup_ratio: int) -> UdaModel:
             unet_filters=setting.unet_filters,
         )
         kl = setting.uda_loss == "kl"
+        # --uda_target=teacher: a fixed clone stands in for a finished run's network.
+        teacher = keras.models.clone_model(network) if setting.uda_target == "teacher" else None
         uda = UdaConfig(
             unsup_ratio=unsup_ratio,
             tsa="linear_schedule",
@@ -221,13 +223,20 @@ def _model(setting: Setting, unsup_ratio: int) -> UdaModel:
             uda_softmax_temp=0.4 if kl else -1,
             ent_min_coeff=0.1 if unsup_ratio and setting.uda_target == "shared" else 0.0,
             uda_target=setting.uda_target,
+            uda_teacher_dir="a clone" if teacher is not None else "",
             uda_loss=setting.uda_loss if unsup_ratio else "kl",
             unsup_mix=setting.unsup_mix if unsup_ratio else "none",
             uda_fp_coeff=setting.uda_fp_coeff if unsup_ratio else 0.0,
             num_classes=setting.num_classes,
             train_steps=100000,
         )
-        model = UdaModel(network, uda=uda, moving_average_decay=0.9999, weight_decay_rate=5e-4)
+        model = UdaModel(
+            network,
+            uda=uda,
+            moving_average_decay=0.9999,
+            weight_decay_rate=5e-4,
+            teacher_network=teacher,
+        )
         model.compile(optimizer=build_optimizer(learning_rate=0.01, train_steps=100000))
         model.optimizer.build(network.trainable_variables)
     finally:

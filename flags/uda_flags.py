@@ -105,13 +105,22 @@ def _define_original(fv: flags.FlagValues) -> None:
         list(config_lib.UDA_TARGETS),
         "Where the target on the originals comes from. shared: one training-mode pass on "
         "[labeled, ori, aug], BN statistics shared (the original). inference: the network "
-        "alone on the originals in inference mode. ema: the EMA network so (a mean teacher).",
+        "alone on the originals in inference mode. ema: the EMA network so (a mean teacher). "
+        "teacher: a trained run's EMA network (--uda_teacher_dir), fixed (self-training).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "uda_teacher_dir",
+        "",
+        "With --uda_target=teacher: the model_dir of a finished run (same classes) whose "
+        "newest intact checkpoint's EMA network gives the targets, in inference mode and "
+        "never updated (self-training, as Noisy Student and ST++).",
         flag_values=fv,
     )
     flags.DEFINE_bool(
         "uda_target_flip",
         False,
-        "With --uda_target=inference or ema: the target is the mean of the teacher's "
+        "With --uda_target=inference, ema or teacher: the target is the mean of the teacher's "
         "probabilities on the originals and on their mirror images, flipped back "
         "(a test-time-augmented pseudo-label, as Naive-Student's).",
         flag_values=fv,

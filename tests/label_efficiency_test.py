@@ -24,6 +24,7 @@ UNLABELED_FLAGS = {
     "unsup_mix",
     "uda_loss",
     "uda_target",
+    "uda_teacher_dir",
 }
 
 
@@ -127,7 +128,7 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
     def test_every_method_trains_the_same_model_steps_and_batches(self):
         weights_dir = _fake_weights_dir()
         by_method = self._method_flags(weights_dir)
-        self.assertEqual(set(by_method), {"supervised", "uda", "uda_strong"})
+        self.assertEqual(set(by_method), {"supervised", "uda", "uda_strong", "uda_selftrain"})
         preset = le.PRESETS["cpu_pretrained"]
         self.assertEmpty(set(preset) & UNLABELED_FLAGS)
         for method, parsed in by_method.items():
@@ -149,6 +150,21 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(strong["aug_cutout"], "False")  # UniMatch's view: no Cutout.
         self.assertNotIn("aug_cutout", by_method["uda"])  # UDA keeps its always-on one.
         self.assertEqual(by_method["uda"]["uda_softmax_temp"], "0.4")
+        # Self-training: the field's recipe, its targets from the supervised run of the seed.
+        selftrain = by_method["uda_selftrain"]
+        self.assertEqual(selftrain.pop("uda_target"), "teacher")
+        self.assertEqual(selftrain.pop("uda_teacher_dir"), "out/frac1of8_supervised_seed0")
+        self.assertEqual(selftrain.pop("model_dir"), "out/frac1of8_uda_selftrain_seed0")
+        strong.pop("uda_target"), strong.pop("model_dir")
+        self.assertEqual(selftrain, strong)
+
+    def test_a_teacher_method_needs_supervised_before_it(self):
+        le.check_methods(["supervised", "uda_strong", "uda_selftrain"])
+        for methods in (["uda_selftrain"], ["uda_selftrain", "supervised"]):
+            with self.assertRaisesRegex(ValueError, "uda_selftrain learns from the supervised run"):
+                le.check_methods(methods)
+        with self.assertRaisesRegex(ValueError, r"unknown \['mean_teacher'\]"):
+            le.check_methods(["supervised", "mean_teacher"])
 
     def test_the_model_is_the_pretrained_deeplab(self):
         preset = le.PRESETS["cpu_pretrained"]

@@ -235,6 +235,45 @@ class TinyRunTest(tf.test.TestCase):
             evaluate.parse_results(os.path.join(model_dir, "results.txt"))["global_step"], 9
         )
 
+    def test_a_student_of_this_run_learns_from_its_fixed_ema_network(self):
+        # --uda_target=teacher: self-training from this finished run.
+        teacher_flags = ("--uda_target=teacher", f"--uda_teacher_dir={self.model_dir}")
+        student_dir = os.path.join(_temp_dir(self), "student")
+        cfg = _config(_argv(self.data_dir, student_dir, *teacher_flags, "--train_steps=3"))
+        model, _ = train.build_uda_model(cfg, tf.distribute.get_strategy())
+        images = tf.random.stateless_uniform([2, 64, 128, 3], [1, 2], 0, 255)
+        expected = train.load_inference_model(self.model_dir)(images, training=False)
+        self.assertAllClose(model.teacher_network(images, training=False), expected)
+        self.assertFalse(model.teacher_network.trainable)
+        before = set(os.listdir(self.model_dir))
+        main.run(cfg, verbose=0)
+        self.assertEqual(set(os.listdir(self.model_dir)), before)  # the teacher's run is untouched
+        with open(os.path.join(student_dir, "FLAGS.json")) as f:
+            self.assertEqual(json.load(f)["uda"]["uda_teacher_dir"], self.model_dir)
+        # The student's checkpoint holds no teacher: the same variables as the teacher's own.
+        names = lambda d: {n for n, _ in tf.train.list_variables(train.latest_checkpoint(d))}
+        self.assertEqual(names(student_dir), names(self.model_dir))
+
+    def test_a_teacher_dir_that_is_not_a_finished_run_of_these_classes_is_refused(self):
+        tmp = _temp_dir(self)
+        other_classes = self._copy("other_classes")
+        with open(os.path.join(other_classes, "FLAGS.json")) as f:
+            flags_json = json.load(f)
+        flags_json["model"]["num_classes"] = 7
+        with open(os.path.join(other_classes, "FLAGS.json"), "w") as f:
+            json.dump(flags_json, f)
+        own = os.path.join(tmp, "own")
+        for teacher_dir, message in (
+            (own, "is this run's --model_dir"),
+            (os.path.join(tmp, "missing"), "has no FLAGS.json"),
+            (other_classes, "predicts 7 classes, this run --num_classes=19"),
+        ):
+            argv = _argv(
+                self.data_dir, own, "--uda_target=teacher", f"--uda_teacher_dir={teacher_dir}"
+            )
+            with self.assertRaisesRegex(ValueError, f"--uda_teacher_dir={teacher_dir}.*{message}"):
+                main.run(_config(argv), verbose=0)
+
 
 class ErrorsTest(tf.test.TestCase):
     """Bad flags and directories fail before training, naming what is wrong."""

@@ -80,6 +80,12 @@ def make_batch(sup_size=4, unsup_size=4, seed=0):
 UDA_NO_ENT = dataclasses.replace(UDA_ON, ent_min_coeff=0.0)
 
 
+def with_target(uda, uda_target, **changes):
+    """`uda` with --uda_target (and a teacher run's name, which make_model does not read)."""
+    teacher_dir = "teacher_run" if uda_target == "teacher" else ""
+    return dataclasses.replace(uda, uda_target=uda_target, uda_teacher_dir=teacher_dir, **changes)
+
+
 def cutmix(batch, seed=7, prob=1.0):
     """`batch` with its aug views CutMixed by augment/mix.py (every image by default)."""
     seed = tf.constant([seed, common.MIX_STREAM], tf.int64)
@@ -129,11 +135,14 @@ def numpy_consistency(batch, ori_logits, aug_logits, *, uda_loss, softmax_temp, 
 
 
 def make_model(uda=UDA_ON, *, seed=0, decay=0.5, wd=1e-3, lr=0.1, batch_norm=False):
+    # --uda_target=teacher: a fixed network of other weights (another seed).
+    teacher = tiny_network(seed + 1, batch_norm) if uda.uda_target == "teacher" else None
     model = UdaModel(
         tiny_network(seed, batch_norm),
         uda=uda,
         moving_average_decay=decay,
         weight_decay_rate=wd,
+        teacher_network=teacher,
     )
     model.compile(optimizer=build_optimizer(learning_rate=lr, train_steps=uda.train_steps))
     return model
@@ -341,9 +350,9 @@ class UdaLossAndMixTest(tf.test.TestCase, parameterized.TestCase):
         uda_target=UDA_TARGETS, uda_loss=("kl", "ce"), unsup_mix=("none", "cutmix")
     )
     def test_unsup_loss_matches_a_numpy_reference(self, uda_target, uda_loss, unsup_mix):
-        uda = dataclasses.replace(
+        uda = with_target(
             UDA_NO_ENT,
-            uda_target=uda_target,
+            uda_target,
             uda_loss=uda_loss,
             unsup_mix=unsup_mix,
             uda_softmax_temp=0.5 if uda_loss == "kl" else -1.0,
@@ -353,7 +362,9 @@ class UdaLossAndMixTest(tf.test.TestCase, parameterized.TestCase):
         model.train_step(batch)  # the EMA now differs from the network
         ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
         aug_logits = model.network(tf.cast(batch[common.AUG_IMAGE], tf.float32), training=True)
-        teacher = model.ema_network if uda_target == "ema" else model.network
+        teacher = {"ema": model.ema_network, "teacher": model.teacher_network}.get(
+            uda_target, model.network
+        )
         kwargs = {"uda_loss": uda_loss, "softmax_temp": uda.uda_softmax_temp, "thresh": 0.36}
         expected = numpy_consistency(batch, teacher(ori), aug_logits, **kwargs)
         logs = model.train_step(batch)
@@ -365,15 +376,16 @@ class UdaLossAndMixTest(tf.test.TestCase, parameterized.TestCase):
             unmixed = {k: v for k, v in batch.items() if k not in (common.MIX_MASK,)}
             wrong = numpy_consistency(unmixed, teacher(ori), aug_logits, **kwargs)
             self.assertNotAllClose(logs["unsup/loss"], wrong, atol=1e-3)
-        if uda_target == "ema":  # the (hard) target is the EMA network's, not the student's
+        if uda_target in (
+            "ema",
+            "teacher",
+        ):  # the (hard) target is the teacher's, not the student's
             student = numpy_consistency(batch, model.network(ori), aug_logits, **kwargs)
             self.assertNotAllClose(expected, student, atol=1e-5)
 
     @parameterized.product(uda_target=UDA_TARGETS, uda_loss=("kl", "ce"))
     def test_cutmix_steps_with_batch_norm_are_finite(self, uda_target, uda_loss):
-        uda = dataclasses.replace(
-            UDA_NO_ENT, uda_target=uda_target, uda_loss=uda_loss, unsup_mix="cutmix"
-        )
+        uda = with_target(UDA_NO_ENT, uda_target, uda_loss=uda_loss, unsup_mix="cutmix")
         if uda_loss == "ce":
             uda = dataclasses.replace(uda, uda_softmax_temp=-1.0)
         model = make_model(uda, batch_norm=True)
@@ -459,6 +471,42 @@ class UdaTargetTest(tf.test.TestCase):
         logs = model.train_step(batch)
         self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
 
+    def test_a_fixed_teacher_gives_the_targets_and_is_never_trained_or_saved(self):
+        batch = make_batch()
+        model = make_model(with_target(UDA_NO_ENT, "teacher"), decay=0.5)
+        teacher = model.teacher_network
+        before = [w.numpy() for w in teacher.weights]
+        ori = tf.cast(batch[common.ORI_IMAGE], tf.float32)
+        for _ in range(2):
+            aug_logits = model.network(self._train_images(batch), training=True)[4:]
+            expected = self._cons(batch, teacher(ori, training=False), aug_logits)
+            logs = model.train_step(batch)
+            self.assertAllClose(logs["unsup/loss"], expected, atol=1e-5)
+        for a, b in zip(before, teacher.weights):
+            self.assertAllEqual(a, b)
+        # The model's weights (and so its checkpoints) are the student's and its EMA's only.
+        plain = make_model(dataclasses.replace(UDA_NO_ENT, uda_target="ema"), decay=0.5)
+        self.assertLen(model.weights, len(plain.weights))
+        self.assertFalse({id(w) for w in teacher.weights} & {id(w) for w in model.weights})
+
+    def test_teacher_network_goes_with_the_teacher_target_only(self):
+        with self.assertRaisesRegex(ValueError, "--uda_target=ema needs a teacher network"):
+            UdaModel(
+                tiny_network(),
+                uda=dataclasses.replace(UDA_NO_ENT, uda_target="ema"),
+                teacher_network=tiny_network(1),
+            )
+        with self.assertRaisesRegex(ValueError, "--uda_target=teacher needs a teacher network"):
+            UdaModel(tiny_network(), uda=with_target(UDA_NO_ENT, "teacher"))
+        with self.assertRaisesRegex(
+            ValueError, r"--uda_target=teacher contradicts --uda_teacher_dir=''"
+        ):
+            dataclasses.replace(UDA_NO_ENT, uda_target="teacher").validate()
+        with self.assertRaisesRegex(
+            ValueError, r"--uda_target=ema contradicts --uda_teacher_dir='run'"
+        ):
+            dataclasses.replace(UDA_NO_ENT, uda_target="ema", uda_teacher_dir="run").validate()
+
     def test_flip_target_is_the_mean_of_the_mirrored_probabilities(self):
         batch = make_batch()
         uda = dataclasses.replace(UDA_NO_ENT, uda_target="ema", uda_target_flip=True)
@@ -495,8 +543,8 @@ class UdaTargetTest(tf.test.TestCase):
             dataclasses.replace(UDA_OFF, uda_target="ema", uda_target_flip=True).validate()
 
     def test_invalid_target_and_entropy_with_a_separate_target_raise(self):
-        with self.assertRaisesRegex(ValueError, r"--uda_target='teacher'"):
-            dataclasses.replace(UDA_NO_ENT, uda_target="teacher").validate()
+        with self.assertRaisesRegex(ValueError, r"--uda_target='student'"):
+            dataclasses.replace(UDA_NO_ENT, uda_target="student").validate()
         with self.assertRaisesRegex(ValueError, r"--ent_min_coeff=0.1 needs --uda_target=shared"):
             dataclasses.replace(UDA_ON, uda_target="ema").validate()
 

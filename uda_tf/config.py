@@ -35,7 +35,7 @@ AUG_OPS = ("all", "photometric")
 # --data_service_address: [grpc://]host:port of a tf.data service dispatcher.
 DATA_SERVICE_ADDRESS = r"(grpc://)?([^:/\s]+|\[[0-9a-fA-F:]+\]):([1-9][0-9]{0,4})"
 # Where the consistency target on the originals comes from (UdaConfig.uda_target).
-UDA_TARGETS = ("shared", "inference", "ema")
+UDA_TARGETS = ("shared", "inference", "ema", "teacher")
 # The consistency divergence (UdaConfig.uda_loss): "kl" to the soft target (the
 # original), "ce" to its argmax (FixMatch / UniMatch hard targets).
 UDA_LOSSES = ("kl", "ce")
@@ -236,10 +236,14 @@ class UdaConfig:
     # originals go through the network alone in inference mode (BN moving
     # statistics). "ema": the same through the EMA network (a mean teacher).
     uda_target: str = "shared"
-    # With "inference" or "ema": the target is the mean of the teacher's
+    # With "inference", "ema" or "teacher": the target is the mean of the teacher's
     # probabilities on the originals and on their mirror images (flipped back),
     # a test-time-augmented pseudo-label as Naive-Student's.
     uda_target_flip: bool = False
+    # With uda_target "teacher": the run directory whose newest intact
+    # checkpoint's EMA network gives the targets, fixed for the whole run
+    # (self-training from a trained teacher, as Noisy Student and ST++).
+    uda_teacher_dir: str = ""
     # "kl": KL to the soft target (the original). "ce": cross-entropy to the
     # argmax of the unsharpened target (FixMatch / UniMatch), same mask M.
     uda_loss: str = "kl"
@@ -282,9 +286,15 @@ class UdaConfig:
                 f"term trains through the originals' pass, which --uda_target="
                 f"{self.uda_target} runs without gradient."
             )
+        if (self.uda_target == "teacher") != bool(self.uda_teacher_dir):
+            raise ValueError(
+                f"--uda_target={self.uda_target} contradicts --uda_teacher_dir="
+                f"{self.uda_teacher_dir!r}: the teacher's run directory goes with "
+                "--uda_target=teacher, and only with it."
+            )
         if self.uda_target_flip and self.uda_target == "shared":
             raise ValueError(
-                "--uda_target_flip=True needs --uda_target=inference or ema, not "
+                "--uda_target_flip=True needs --uda_target=inference, ema or teacher, not "
                 "--uda_target=shared: the mirrored originals need a teacher pass of their own."
             )
         _check(self.uda_loss in UDA_LOSSES, "uda_loss", self.uda_loss, str(UDA_LOSSES))

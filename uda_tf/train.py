@@ -149,6 +149,7 @@ def build_uda_model(cfg: config_lib.Config, strategy: tf.distribute.Strategy):
             uda=cfg.uda,
             moving_average_decay=cfg.train.moving_average_decay,
             weight_decay_rate=cfg.train.weight_decay_rate,
+            teacher_network=load_teacher(cfg) if cfg.uda.uda_target == "teacher" else None,
         )
         optimizer = schedules.build_optimizer(
             learning_rate=cfg.train.learning_rate,
@@ -203,6 +204,34 @@ def load_inference_model(model_dir: str, checkpoint_path: str | None = None) -> 
     status = tf.train.Checkpoint(ema_network=network).restore(path)
     status.expect_partial().assert_existing_objects_matched()
     logging.info("Loaded the EMA network of %s (step %d).", path, checkpoint_step(path))
+    return network
+
+
+def load_teacher(cfg: config_lib.Config) -> keras.Model:
+    """The fixed teacher of --uda_target=teacher: `load_inference_model(--uda_teacher_dir)`.
+
+    Raises:
+      ValueError: naming --uda_teacher_dir when it is this run's own model_dir,
+        is not a finished run (no FLAGS.json, no intact checkpoint), or
+        predicts another number of classes.
+    """
+    teacher_dir = cfg.uda.uda_teacher_dir
+    if cfg.train.model_dir and os.path.abspath(teacher_dir) == os.path.abspath(cfg.train.model_dir):
+        raise ValueError(
+            f"--uda_teacher_dir={teacher_dir} is this run's --model_dir: the teacher must be "
+            "another, finished run."
+        )
+    try:
+        teacher_cfg = read_config(teacher_dir)
+        if teacher_cfg.model.num_classes != cfg.model.num_classes:
+            raise ValueError(
+                f"its network predicts {teacher_cfg.model.num_classes} classes, this run "
+                f"--num_classes={cfg.model.num_classes}"
+            )
+        network = load_inference_model(teacher_dir)
+    except ValueError as error:
+        raise ValueError(f"--uda_teacher_dir={teacher_dir}: {error}") from None
+    network.trainable = False
     return network
 
 

@@ -3,7 +3,8 @@
 One forward pass on concat[labeled, ori, aug] in training mode (BN statistics
 shared by the three groups, as the original; with uda_target "inference" or
 "ema" the originals go alone, without gradient, through the network or its
-EMA in inference mode, and the training pass is on concat[labeled, aug]), then L_sup (TSA) + unsup_coeff *
+EMA in inference mode, with "teacher" through a fixed trained network, and the
+training pass is on concat[labeled, aug]), then L_sup (TSA) + unsup_coeff *
 L_cons + ent_min_coeff * L_ent + weight decay, SGD, and an EMA of the weights.
 With uda_fp_coeff > 0 (DeepLab only), the originals join the training pass,
 their backbone features channel-dropped before the head (`FeaturePerturbation`,
@@ -190,11 +191,15 @@ class UdaModel(keras.Model):
       weight_decay_rate: if > 0, `apply_weight_decay(network, rate)`.
       ema_network: optional network of the same architecture to hold the EMA
         shadows (default: keras.models.clone_model(network)).
+      teacher_network: with uda.uda_target "teacher" (and only then), the
+        trained network whose inference-mode logits are the targets; it is
+        never updated, and not part of the model's weights or checkpoints.
       **kwargs: for keras.Model (name, ...).
 
     Raises:
-      ValueError: for an invalid `uda`, an unbuilt network, or an
-        `ema_network` whose weights do not match the network's.
+      ValueError: for an invalid `uda`, an unbuilt network, an `ema_network`
+        whose weights do not match the network's, or a `teacher_network`
+        given without uda_target "teacher" (or missing with it).
     """
 
     def __init__(
@@ -205,12 +210,18 @@ class UdaModel(keras.Model):
         moving_average_decay: float = 0.9999,
         weight_decay_rate: float = 0.0,
         ema_network: keras.Model | None = None,
+        teacher_network: keras.Model | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         uda.validate()
         if not network.built:
             raise ValueError(f"Network {network.name!r} must be built before UdaModel.")
+        if (teacher_network is None) == (uda.uda_target == "teacher"):
+            raise ValueError(
+                f"--uda_target={uda.uda_target} needs a teacher network exactly when it is "
+                f"'teacher'; got teacher_network={teacher_network!r}."
+            )
         self.uda_config = uda
         self.network = network
         self.moving_average_decay = float(moving_average_decay)
@@ -223,6 +234,7 @@ class UdaModel(keras.Model):
             pairs = _float_weight_pairs(self._ema_network, network)
             logging.info("EMA over %d float weights of %s.", len(pairs), network.name)
             self.copy_weights_to_ema()
+        self._teacher = _Untracked(teacher_network)
         self._feature_perturbation = None
         if uda.uda_fp_coeff > 0:
             self._feature_perturbation = FeaturePerturbation(
@@ -235,6 +247,17 @@ class UdaModel(keras.Model):
     def ema_network(self) -> keras.Model:
         """The network holding the EMA weights (the network if EMA is off)."""
         return self._ema_network if self._ema_network is not None else self.network
+
+    @property
+    def teacher_network(self) -> keras.Model:
+        """The network whose inference-mode logits are the targets (--uda_target).
+
+        The EMA network for "ema", the fixed teacher for "teacher", else the network.
+        """
+        target = self.uda_config.uda_target
+        if target == "teacher":
+            return self._teacher.value
+        return self.ema_network if target == "ema" else self.network
 
     @property
     def metrics(self):
@@ -277,7 +300,7 @@ class UdaModel(keras.Model):
         images, target_images = self._forward_images(data)
         target_logits = None
         if target_images is not None:
-            teacher = self.ema_network if self.uda_config.uda_target == "ema" else self.network
+            teacher = self.teacher_network
             if self.uda_config.uda_target_flip:
                 target_logits = flip_averaged_logits(teacher, target_images)
             else:
@@ -472,6 +495,15 @@ class UdaModel(keras.Model):
         decay = self.moving_average_decay
         for shadow, variable in _float_weight_pairs(self._ema_network, self.network):
             shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(variable, shadow.dtype)))
+
+
+class _Untracked:
+    """Holds a value out of sight of Keras's and tf.train's attribute tracking,
+    so that a fixed teacher's weights are not the model's (not trained, averaged
+    or saved)."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 def flip_averaged_logits(network: keras.Model, images: tf.Tensor) -> tf.Tensor:

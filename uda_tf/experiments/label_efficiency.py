@@ -24,7 +24,10 @@ the preset.
 Methods (`--methods`, METHOD_FLAGS): `supervised` (--unsup_ratio=0), `uda`
 (the original's recipe: RandAugment 15 ops + Cutout, KL to a target
 sharpened at T 0.4, confidence 0.8) and `uda_strong` (the field's: colour
-view + CutMix, cross-entropy to the mean teacher's argmax, confidence 0.95).
+view + CutMix, cross-entropy to the mean teacher's argmax, confidence 0.95)
+and `uda_selftrain` (the same, the targets from the finished `supervised`
+run of the same fraction and seed, fixed: self-training; list `supervised`
+before it, and count that run's time in its cost).
 
 `--record=docs/results/<name>.csv` also writes every run to that record
 (uda_tf/experiments/record.py: one row per run, the flags that differ from
@@ -144,7 +147,19 @@ STRONG_FLAGS = {
     "aug_cutout": False,
 }
 # Each method's flags over the preset: only the unlabeled loss differs.
-METHOD_FLAGS = {"supervised": {"unsup_ratio": 0}, "uda": UDA_FLAGS, "uda_strong": STRONG_FLAGS}
+# Self-training (Noisy Student, ST++) with the field's views and loss: the
+# targets come from the finished supervised run of the same fraction and seed
+# (`teacher_dir`), fixed, instead of from the mean teacher; the supervised
+# method must run first.
+SELFTRAIN_FLAGS = {**STRONG_FLAGS, "uda_target": "teacher"}
+METHOD_FLAGS = {
+    "supervised": {"unsup_ratio": 0},
+    "uda": UDA_FLAGS,
+    "uda_strong": STRONG_FLAGS,
+    "uda_selftrain": SELFTRAIN_FLAGS,
+}
+# Methods whose teacher is the supervised run of their fraction and seed.
+TEACHER_METHODS = ("uda_selftrain",)
 NUM_TRAIN = {"camvid": 367, "cityscapes": 2975}
 METHODS = tuple(METHOD_FLAGS)
 CSV_FIELDS = (
@@ -255,6 +270,27 @@ def preset_values(preset: str, weights_dir: str | None = None) -> dict:
     return values
 
 
+def teacher_dir(run: Run) -> str:
+    """The model_dir of the supervised run of `run`'s fraction and seed, beside it."""
+    name = run_name(run.fraction, "supervised", run.seed)
+    return os.path.join(os.path.dirname(run.model_dir), name)
+
+
+def check_methods(methods: list[str]) -> None:
+    """Raises ValueError for an unknown method, or a teacher method not after `supervised`."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
+    for method in methods:
+        if method in TEACHER_METHODS and (
+            "supervised" not in methods or methods.index("supervised") > methods.index(method)
+        ):
+            raise ValueError(
+                f"--methods={','.join(methods)}: {method} learns from the supervised run of "
+                "its seed, so supervised must come before it."
+            )
+
+
 def run_flags(run: Run, *, task_name, data_dir, preset, extra, weights_dir=None) -> list[str]:
     """The uda_tf.main command line of one run (see `preset_values` for weights_dir)."""
     values = preset_values(preset, weights_dir)
@@ -268,6 +304,8 @@ def run_flags(run: Run, *, task_name, data_dir, preset, extra, weights_dir=None)
         do_eval=True,
     )
     values.update(METHOD_FLAGS[run.method])
+    if run.method in TEACHER_METHODS:
+        values["uda_teacher_dir"] = teacher_dir(run)
     args = [f"--{key}={value}" for key, value in values.items()]
     return args + list(extra)
 
@@ -397,10 +435,8 @@ def main(argv: list[str]) -> None:
         print(record_lib.report_record(cfg.record, title))
         return
     num_train = check_common_flags(cfg)
-    unknown = sorted(set(cfg.methods) - set(METHODS))
-    if unknown:
-        raise app.UsageError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
     try:
+        check_methods(cfg.methods)
         preset = preset_values(cfg.preset, cfg.weights_dir)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
