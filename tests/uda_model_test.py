@@ -645,6 +645,13 @@ class DistributedTest(tf.test.TestCase):
         self._check_same(single, self._run(self.mirrored(), batch, uda=uda))
         self.assertNotAllClose(single[0]["unsup/loss"], self.reference()[0]["unsup/loss"])
 
+    def test_mirrored_fixed_teacher_equals_one_device(self):
+        # The teacher is built in the strategy's scope, as train.build_uda_model loads it.
+        uda = with_target(UDA_NO_ENT, "teacher", uda_loss="ce", uda_softmax_temp=-1.0)
+        single = self._run(tf.distribute.get_strategy(), make_batch(), uda=uda, custom_loop=True)
+        mirrored = self._run(self.mirrored(), make_batch(), uda=uda, custom_loop=True)
+        self._check_same(single, mirrored)
+
     @pytest.mark.slow
     def test_mirrored_equals_one_device_with_synchronized_bn(self):
         batch = make_batch()
