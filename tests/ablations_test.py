@@ -47,6 +47,25 @@ class PlanTest(tf.test.TestCase):
         self.assertEqual(changed, {"model_dir", "uda_softmax_temp", "uda_confidence_thresh"})
         self.assertEqual(parsed["uda_softmax_temp"], "-1")
 
+    def test_a_self_training_variant_learns_from_the_supervised_variant_of_its_seed(self):
+        planned = ablations.plan(
+            output_dir="o", names=["supervised", "selftrain_thresh_off"], fraction="1/8",
+            num_seeds=2, num_train=367,
+        )  # fmt: skip
+        _, run = planned[3]
+        self.assertEqual((run.method, run.seed), ("uda_selftrain", 1))
+        teacher = ablations.teacher_dir("o", run)
+        self.assertEqual(teacher, planned[1][1].model_dir)
+        args = le.run_flags(
+            run, task_name="camvid", data_dir="d", preset="cpu", teacher=teacher,
+            extra=list(ablations.VARIANTS["selftrain_thresh_off"].flags),
+        )  # fmt: skip
+        self.assertIn("--uda_teacher_dir=o/supervised/frac1of8_supervised_seed1", args)
+        self.assertEqual(args[-1], "--uda_confidence_thresh=-1")
+        with self.assertRaisesRegex(ValueError, "selftrain learns from the supervised variant"):
+            ablations.plan(output_dir="o", names=["selftrain", "supervised"], fraction="1/8",
+                           num_seeds=1, num_train=367)  # fmt: skip
+
     def test_unknown_variant_is_named(self):
         with self.assertRaisesRegex(ValueError, "--variants.*'thresh9'"):
             ablations.plan(output_dir="o", names=["thresh9"], fraction="1/8", num_seeds=1,

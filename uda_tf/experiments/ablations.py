@@ -130,6 +130,18 @@ VARIANTS = {
         "UDA's RandAugment (no Cutout, as the frozen recipe) as the strong view instead of the colour one",
         "uda_strong",
     ),
+    "selftrain": Variant(
+        "uda_selftrain",
+        (),
+        "the field's recipe, its targets from the supervised variant's run of the seed, fixed",
+        "supervised",
+    ),
+    "selftrain_thresh_off": Variant(
+        "uda_selftrain",
+        ("--uda_confidence_thresh=-1",),
+        "self-training on every pixel's hard label, no confidence mask (ST++)",
+        "selftrain",
+    ),
     "supervised_2400": Variant(
         "supervised", ("--train_steps=2400", "--save_steps=800"), "supervised, 2x steps", ""
     ),
@@ -181,6 +193,14 @@ def plan(
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+    for name in names:
+        if VARIANTS[name].method in le.TEACHER_METHODS and (
+            "supervised" not in names or names.index("supervised") > names.index(name)
+        ):
+            raise ValueError(
+                f"--variants={','.join(names)}: {name} learns from the supervised variant's "
+                "run of its seed, so supervised must come before it."
+            )
     sup_size = le.sup_size_for(fraction, num_train)
     out = []
     for name in names:
@@ -189,6 +209,12 @@ def plan(
             model_dir = os.path.join(output_dir, name, le.run_name(fraction, method, seed))
             out.append((name, le.Run(fraction, sup_size, method, seed, model_dir)))
     return out
+
+
+def teacher_dir(output_dir: str, run: le.Run) -> str:
+    """The teacher of a self-training run: the supervised variant's run of its seed."""
+    name = le.run_name(run.fraction, "supervised", run.seed)
+    return os.path.join(output_dir, "supervised", name)
 
 
 def table(rows: list[dict]) -> str:
@@ -255,8 +281,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 1, "Seeds per variant (0..seeds-1).")
     flags.DEFINE_list(
         "variants",
-        # The 2x-step pair and the uda_strong tuning on request.
-        [n for n in VARIANTS if not n.endswith("_4800") and "strong" not in n],
+        # The 4x-step pair, the uda_strong tuning and self-training on request.
+        [
+            n
+            for n in VARIANTS
+            if not n.endswith("_4800") and "strong" not in n and "selftrain" not in n
+        ],
         f"Some of {list(VARIANTS)}.",
     )
     flags.DEFINE_enum("preset", "cpu", list(le.PRESETS), "Model, crop and schedule preset.")
@@ -303,6 +333,7 @@ def main(argv: list[str]) -> None:
             preset=cfg.preset,
             extra=extra,
             weights_dir=cfg.weights_dir,
+            teacher=teacher_dir(cfg.output_dir, run),
         )
         rows.append({"variant": name, **le.execute(run, args)})
         write_outputs(rows, cfg.output_dir)  # a report after every run, as label_efficiency

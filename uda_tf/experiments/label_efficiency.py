@@ -291,8 +291,13 @@ def check_methods(methods: list[str]) -> None:
             )
 
 
-def run_flags(run: Run, *, task_name, data_dir, preset, extra, weights_dir=None) -> list[str]:
-    """The uda_tf.main command line of one run (see `preset_values` for weights_dir)."""
+def run_flags(
+    run: Run, *, task_name, data_dir, preset, extra, weights_dir=None, teacher=None
+) -> list[str]:
+    """The uda_tf.main command line of one run (see `preset_values` for weights_dir).
+
+    A TEACHER_METHODS run learns from `teacher`, default `teacher_dir(run)`.
+    """
     values = preset_values(preset, weights_dir)
     values.update(
         task_name=task_name,
@@ -305,7 +310,7 @@ def run_flags(run: Run, *, task_name, data_dir, preset, extra, weights_dir=None)
     )
     values.update(METHOD_FLAGS[run.method])
     if run.method in TEACHER_METHODS:
-        values["uda_teacher_dir"] = teacher_dir(run)
+        values["uda_teacher_dir"] = teacher or teacher_dir(run)
     args = [f"--{key}={value}" for key, value in values.items()]
     return args + list(extra)
 
