@@ -142,6 +142,12 @@ VARIANTS = {
         "self-training on every pixel's hard label, no confidence mask (ST++)",
         "selftrain",
     ),
+    "selftrain_thresh_off_coeff1": Variant(
+        "uda_selftrain",
+        ("--uda_confidence_thresh=-1", "--unsup_coeff=1.0"),
+        "the same at consistency weight 1 (ST++ weighs labeled and pseudo-labeled pixels alike)",
+        "selftrain_thresh_off",
+    ),
     "supervised_2400": Variant(
         "supervised", ("--train_steps=2400", "--save_steps=800"), "supervised, 2x steps", ""
     ),
