@@ -62,8 +62,8 @@ class PlanTest(tf.test.TestCase):
         )  # fmt: skip
         self.assertIn("--uda_teacher_dir=o/supervised/frac1of8_supervised_seed1", args)
         self.assertEqual(args[-1], "--uda_confidence_thresh=-1")
-        with self.assertRaisesRegex(ValueError, "selftrain learns from the supervised variant"):
-            ablations.plan(output_dir="o", names=["selftrain", "supervised"], fraction="1/8",
+        with self.assertRaisesRegex(ValueError, "uda_selftrain learns from the supervised variant"):
+            ablations.plan(output_dir="o", names=["uda_selftrain", "supervised"], fraction="1/8",
                            num_seeds=1, num_train=367)  # fmt: skip
 
     def test_unknown_variant_is_named(self):

@@ -130,7 +130,7 @@ VARIANTS = {
         "UDA's RandAugment (no Cutout, as the frozen recipe) as the strong view instead of the colour one",
         "uda_strong",
     ),
-    "selftrain": Variant(
+    "uda_selftrain": Variant(
         "uda_selftrain",
         (),
         "the field's recipe, its targets from the supervised variant's run of the seed, fixed",
@@ -140,7 +140,7 @@ VARIANTS = {
         "uda_selftrain",
         ("--uda_confidence_thresh=-1",),
         "self-training on every pixel's hard label, no confidence mask (ST++)",
-        "selftrain",
+        "uda_selftrain",
     ),
     "selftrain_thresh_off_coeff1": Variant(
         "uda_selftrain",
