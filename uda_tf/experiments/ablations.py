@@ -148,6 +148,12 @@ VARIANTS = {
         "the same at consistency weight 1 (ST++ weighs labeled and pseudo-labeled pixels alike)",
         "selftrain_thresh_off",
     ),
+    "selftrain_thresh_off_flip": Variant(
+        "uda_selftrain",
+        ("--uda_confidence_thresh=-1", "--uda_target_flip=true"),
+        "the same, the teacher's targets averaged over the mirrored originals (Naive-Student)",
+        "selftrain_thresh_off",
+    ),
     "supervised_2400": Variant(
         "supervised", ("--train_steps=2400", "--save_steps=800"), "supervised, 2x steps", ""
     ),
