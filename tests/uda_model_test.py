@@ -376,10 +376,8 @@ class UdaLossAndMixTest(tf.test.TestCase, parameterized.TestCase):
             unmixed = {k: v for k, v in batch.items() if k not in (common.MIX_MASK,)}
             wrong = numpy_consistency(unmixed, teacher(ori), aug_logits, **kwargs)
             self.assertNotAllClose(logs["unsup/loss"], wrong, atol=1e-3)
-        if uda_target in (
-            "ema",
-            "teacher",
-        ):  # the (hard) target is the teacher's, not the student's
+        # The (hard) target is the teacher's, not the student's.
+        if uda_target in ("ema", "teacher"):
             student = numpy_consistency(batch, model.network(ori), aug_logits, **kwargs)
             self.assertNotAllClose(expected, student, atol=1e-5)
 

@@ -205,14 +205,9 @@ def plan(
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
-    for name in names:
-        if VARIANTS[name].method in le.TEACHER_METHODS and (
-            "supervised" not in names or names.index("supervised") > names.index(name)
-        ):
-            raise ValueError(
-                f"--variants={','.join(names)}: {name} learns from the supervised variant's "
-                "run of its seed, so supervised must come before it."
-            )
+    le.check_teacher_order(
+        names, lambda n: VARIANTS[n].method, flag="variants", teacher="supervised variant's run"
+    )
     sup_size = le.sup_size_for(fraction, num_train)
     out = []
     for name in names:

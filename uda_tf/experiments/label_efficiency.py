@@ -281,13 +281,19 @@ def check_methods(methods: list[str]) -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
-    for method in methods:
-        if method in TEACHER_METHODS and (
-            "supervised" not in methods or methods.index("supervised") > methods.index(method)
+    check_teacher_order(methods, lambda m: m, flag="methods", teacher="supervised run")
+
+
+def check_teacher_order(names: list[str], method_of, *, flag: str, teacher: str) -> None:
+    """Raises ValueError, naming --<flag>, for a name whose method (`method_of(name)`) is
+    a TEACHER_METHODS one and that does not come after `supervised` (its `teacher`)."""
+    for name in names:
+        if method_of(name) in TEACHER_METHODS and (
+            "supervised" not in names or names.index("supervised") > names.index(name)
         ):
             raise ValueError(
-                f"--methods={','.join(methods)}: {method} learns from the supervised run of "
-                "its seed, so supervised must come before it."
+                f"--{flag}={','.join(names)}: {name} learns from the {teacher} of its seed, "
+                "so supervised must come before it."
             )
 
 
