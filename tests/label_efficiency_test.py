@@ -128,7 +128,9 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
     def test_every_method_trains_the_same_model_steps_and_batches(self):
         weights_dir = _fake_weights_dir()
         by_method = self._method_flags(weights_dir)
-        self.assertEqual(set(by_method), {"supervised", "uda", "uda_strong", "uda_selftrain"})
+        self.assertEqual(
+            set(by_method), {"supervised", "uda", "uda_strong", "uda_selftrain", "uda_selftrain2"}
+        )
         preset = le.PRESETS["cpu_pretrained"]
         self.assertEmpty(set(preset) & UNLABELED_FLAGS)
         for method, parsed in by_method.items():
@@ -151,10 +153,15 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertNotIn("aug_cutout", by_method["uda"])  # UDA keeps its always-on one.
         self.assertEqual(by_method["uda"]["uda_softmax_temp"], "0.4")
         # Self-training: the field's recipe, its targets from the supervised run of the seed.
+        # Its second round: the same flags, the first round's student of the seed as teacher.
+        second = by_method["uda_selftrain2"]
+        self.assertEqual(second.pop("uda_teacher_dir"), "out/frac1of8_uda_selftrain_seed0")
+        self.assertEqual(second.pop("model_dir"), "out/frac1of8_uda_selftrain2_seed0")
         selftrain = by_method["uda_selftrain"]
-        self.assertEqual(selftrain.pop("uda_target"), "teacher")
         self.assertEqual(selftrain.pop("uda_teacher_dir"), "out/frac1of8_supervised_seed0")
         self.assertEqual(selftrain.pop("model_dir"), "out/frac1of8_uda_selftrain_seed0")
+        self.assertEqual(second, selftrain)
+        self.assertEqual(selftrain.pop("uda_target"), "teacher")
         strong.pop("uda_target"), strong.pop("model_dir")
         self.assertEqual(selftrain, strong)
 
@@ -163,6 +170,12 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
         for methods in (["uda_selftrain"], ["uda_selftrain", "supervised"]):
             with self.assertRaisesRegex(ValueError, "uda_selftrain learns from the supervised run"):
                 le.check_methods(methods)
+        le.check_methods(["supervised", "uda_selftrain", "uda_selftrain2"])
+        for methods in (["supervised", "uda_selftrain2"], ["uda_selftrain2", "uda_selftrain"]):
+            with self.assertRaisesRegex(
+                ValueError, "uda_selftrain2 learns from the uda_selftrain run of its seed"
+            ):
+                le.check_methods(["supervised", *methods])
         with self.assertRaisesRegex(ValueError, r"unknown \['mean_teacher'\]"):
             le.check_methods(["supervised", "mean_teacher"])
 

@@ -206,7 +206,10 @@ def plan(
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
     le.check_teacher_order(
-        names, lambda n: VARIANTS[n].method, flag="variants", teacher="supervised variant's run"
+        names,
+        lambda n: "supervised" if VARIANTS[n].method in le.TEACHER_METHODS else None,
+        flag="variants",
+        teacher="variant's run",
     )
     sup_size = le.sup_size_for(fraction, num_train)
     out = []

@@ -27,7 +27,8 @@ sharpened at T 0.4, confidence 0.8) and `uda_strong` (the field's: colour
 view + CutMix, cross-entropy to the mean teacher's argmax, confidence 0.95)
 and `uda_selftrain` (the same, the targets from the finished `supervised`
 run of the same fraction and seed, fixed: self-training; list `supervised`
-before it, and count that run's time in its cost).
+before it, and count that run's time in its cost); `uda_selftrain2` is its
+second round, the `uda_selftrain` run of the seed as the teacher.
 
 `--record=docs/results/<name>.csv` also writes every run to that record
 (uda_tf/experiments/record.py: one row per run, the flags that differ from
@@ -157,9 +158,13 @@ METHOD_FLAGS = {
     "uda": UDA_FLAGS,
     "uda_strong": STRONG_FLAGS,
     "uda_selftrain": SELFTRAIN_FLAGS,
+    "uda_selftrain2": SELFTRAIN_FLAGS,
 }
-# Methods whose teacher is the supervised run of their fraction and seed.
-TEACHER_METHODS = ("uda_selftrain",)
+# The method whose finished run of the same fraction and seed is each
+# self-training method's teacher: a second round (Noisy Student's iteration,
+# ST++'s re-training) learns from the first round's student.
+TEACHER_OF = {"uda_selftrain": "supervised", "uda_selftrain2": "uda_selftrain"}
+TEACHER_METHODS = tuple(TEACHER_OF)
 NUM_TRAIN = {"camvid": 367, "cityscapes": 2975}
 METHODS = tuple(METHOD_FLAGS)
 CSV_FIELDS = (
@@ -271,29 +276,28 @@ def preset_values(preset: str, weights_dir: str | None = None) -> dict:
 
 
 def teacher_dir(run: Run) -> str:
-    """The model_dir of the supervised run of `run`'s fraction and seed, beside it."""
-    name = run_name(run.fraction, "supervised", run.seed)
+    """The model_dir of the TEACHER_OF run of `run`'s fraction and seed, beside it."""
+    name = run_name(run.fraction, TEACHER_OF[run.method], run.seed)
     return os.path.join(os.path.dirname(run.model_dir), name)
 
 
 def check_methods(methods: list[str]) -> None:
-    """Raises ValueError for an unknown method, or a teacher method not after `supervised`."""
+    """Raises ValueError for an unknown method, or a teacher method not after its teacher."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {METHODS}.")
-    check_teacher_order(methods, lambda m: m, flag="methods", teacher="supervised run")
+    check_teacher_order(methods, TEACHER_OF.get, flag="methods", teacher="run")
 
 
-def check_teacher_order(names: list[str], method_of, *, flag: str, teacher: str) -> None:
-    """Raises ValueError, naming --<flag>, for a name whose method (`method_of(name)`) is
-    a TEACHER_METHODS one and that does not come after `supervised` (its `teacher`)."""
+def check_teacher_order(names: list[str], teacher_of, *, flag: str, teacher: str) -> None:
+    """Raises ValueError, naming --<flag>, for a name with a teacher (`teacher_of(name)`,
+    None for none) that is not listed before it: its `teacher` must exist first."""
     for name in names:
-        if method_of(name) in TEACHER_METHODS and (
-            "supervised" not in names or names.index("supervised") > names.index(name)
-        ):
+        first = teacher_of(name)
+        if first is not None and (first not in names or names.index(first) > names.index(name)):
             raise ValueError(
-                f"--{flag}={','.join(names)}: {name} learns from the {teacher} of its seed, "
-                "so supervised must come before it."
+                f"--{flag}={','.join(names)}: {name} learns from the {first} {teacher} of its "
+                f"seed, so {first} must come before it."
             )
 
 
