@@ -152,11 +152,11 @@ class PretrainedPresetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(strong["aug_cutout"], "False")  # UniMatch's view: no Cutout.
         self.assertNotIn("aug_cutout", by_method["uda"])  # UDA keeps its always-on one.
         self.assertEqual(by_method["uda"]["uda_softmax_temp"], "0.4")
-        # Self-training: the field's recipe, its targets from the supervised run of the seed.
-        # Its second round: the same flags, the first round's student of the seed as teacher.
+        # Self-training's second round: the first round's flags, its student as the teacher.
         second = by_method["uda_selftrain2"]
         self.assertEqual(second.pop("uda_teacher_dir"), "out/frac1of8_uda_selftrain_seed0")
         self.assertEqual(second.pop("model_dir"), "out/frac1of8_uda_selftrain2_seed0")
+        # Self-training: the field's recipe, its targets from the supervised run of the seed.
         selftrain = by_method["uda_selftrain"]
         self.assertEqual(selftrain.pop("uda_teacher_dir"), "out/frac1of8_supervised_seed0")
         self.assertEqual(selftrain.pop("model_dir"), "out/frac1of8_uda_selftrain_seed0")

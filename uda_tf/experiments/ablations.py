@@ -207,7 +207,7 @@ def plan(
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
     le.check_teacher_order(
         names,
-        lambda n: "supervised" if VARIANTS[n].method in le.TEACHER_METHODS else None,
+        lambda n: le.TEACHER_OF.get(VARIANTS[n].method),
         flag="variants",
         teacher="variant's run",
     )
@@ -221,10 +221,13 @@ def plan(
     return out
 
 
-def teacher_dir(output_dir: str, run: le.Run) -> str:
-    """The teacher of a self-training run: the supervised variant's run of its seed."""
-    name = le.run_name(run.fraction, "supervised", run.seed)
-    return os.path.join(output_dir, "supervised", name)
+def teacher_dir(output_dir: str, run: le.Run) -> str | None:
+    """The teacher of a self-training run (None for others): the run of its seed of the
+    variant named as its le.TEACHER_OF method (for uda_selftrain, the supervised variant)."""
+    method = le.TEACHER_OF.get(run.method)
+    if method is None:
+        return None
+    return os.path.join(output_dir, method, le.run_name(run.fraction, method, run.seed))
 
 
 def table(rows: list[dict]) -> str:

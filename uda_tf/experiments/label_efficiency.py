@@ -164,7 +164,6 @@ METHOD_FLAGS = {
 # self-training method's teacher: a second round (Noisy Student's iteration,
 # ST++'s re-training) learns from the first round's student.
 TEACHER_OF = {"uda_selftrain": "supervised", "uda_selftrain2": "uda_selftrain"}
-TEACHER_METHODS = tuple(TEACHER_OF)
 NUM_TRAIN = {"camvid": 367, "cityscapes": 2975}
 METHODS = tuple(METHOD_FLAGS)
 CSV_FIELDS = (
@@ -306,7 +305,7 @@ def run_flags(
 ) -> list[str]:
     """The uda_tf.main command line of one run (see `preset_values` for weights_dir).
 
-    A TEACHER_METHODS run learns from `teacher`, default `teacher_dir(run)`.
+    A TEACHER_OF run learns from `teacher`, default `teacher_dir(run)`.
     """
     values = preset_values(preset, weights_dir)
     values.update(
@@ -319,7 +318,7 @@ def run_flags(
         do_eval=True,
     )
     values.update(METHOD_FLAGS[run.method])
-    if run.method in TEACHER_METHODS:
+    if run.method in TEACHER_OF:
         values["uda_teacher_dir"] = teacher or teacher_dir(run)
     args = [f"--{key}={value}" for key, value in values.items()]
     return args + list(extra)
